@@ -1,0 +1,111 @@
+"""The step contract. A stage is plain logic over one shard, testable without Prefect:
+
+    stage.run(ctx, inputs) -> ShardOutput(rows, rejects, stats)
+
+`inputs` maps each upstream stage name to the rows (dicts) of the same shard. A source stage
+(characters) instead implements `collect(cfg) -> (rows, rejects)` over its whole input; the flow
+partitions the rows into shards by a hash of `shard_key(row)`. A stage with a global step (near-dup
+detection across shards) implements `prepare(...)`, whose per-shard digest enters the shard hash.
+The Prefect task in flows/build.py is a thin wrapper adding retries, names and tags.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+from models.base import Record
+from models.config import RunConfig
+from models.config.engine import EngineConfig
+from models.records import Rejection
+
+
+@dataclass
+class Stats:
+    """Per-shard accounting; summed into stage_stats by the catalog."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    format_failures: int = 0
+    seconds: float = 0.0
+    dropped: Counter = field(default_factory=Counter)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def count_generations(self, gens: list) -> None:
+        self.requests += len(gens)
+        self.prompt_tokens += sum(g.prompt_tokens for g in gens)
+        self.completion_tokens += sum(g.completion_tokens for g in gens)
+
+    def as_dict(self) -> dict[str, Any]:
+        tps = self.completion_tokens / self.seconds if self.seconds else 0.0
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "requests": self.requests,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "format_failures": self.format_failures, "seconds": round(self.seconds, 4),
+                "tokens_per_second": round(tps, 2), "dropped": dict(self.dropped), **self.extra}
+
+
+@dataclass
+class ShardOutput:
+    rows: list[Record | dict]
+    rejects: list[Rejection] = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)
+
+
+@dataclass
+class StageContext:
+    run_id: str
+    stage: str
+    shard: int
+    num_shards: int
+    config: RunConfig
+    home: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def engine(self, config: EngineConfig | None = None):
+        from engines import get_engine
+
+        return get_engine(config or self.config.engine)
+
+    @cached_property
+    def seed(self) -> int:
+        return self.config.seed
+
+    def reject(self, row_id: str, filter: str, reason: str, *, score: float | None = None,
+               character_id: str = "", text: str = "") -> Rejection:
+        return Rejection(row_id=row_id, stage=self.stage, shard=self.shard, filter=filter, reason=reason,
+                         score=score, character_id=character_id, text=text[:4000])
+
+
+class Stage:
+    name: ClassVar[str]
+    output: ClassVar[type[Record]]
+    inputs: ClassVar[dict[str, type[Record]]] = {}  # upstream stage -> the record type it must produce
+    uses_engine: ClassVar[bool] = False
+
+    def fingerprint(self, config: RunConfig) -> dict[str, Any]:
+        """Everything that decides this stage's output besides its input rows: config section, prompt
+        text, model id. Hashed (with the package version and upstream hashes) into the shard's key."""
+        raise NotImplementedError
+
+    def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
+        raise NotImplementedError
+
+    # optional global step over all upstream shards; returns {shard: small json-able dict}
+    def prepare(self, config: RunConfig, home: Path, run_id: str,
+                upstream: dict[str, dict[int, str]]) -> dict[int, dict[str, Any]] | None:
+        return None
+
+
+class SourceStage(Stage):
+    def collect(self, config: RunConfig) -> tuple[list[Record], list[Rejection]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def shard_key(row: Record) -> str:
+        return getattr(row, "id")
