@@ -24,7 +24,7 @@ TABLES = ("runs", "shards", "stage_stats", "models", "evaluations")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY, status VARCHAR, dataset VARCHAR, config JSON, config_hash VARCHAR,
-    package_version VARCHAR, num_shards INTEGER, flow_run_id VARCHAR, error VARCHAR,
+    package_version VARCHAR, num_shards INTEGER, until VARCHAR, flow_run_id VARCHAR, error VARCHAR,
     started_at TIMESTAMP, finished_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS shards (
     run_id VARCHAR, stage VARCHAR, shard INTEGER, input_hash VARCHAR, status VARCHAR, rows BIGINT,
@@ -123,13 +123,13 @@ class Catalog:
 
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, run_id: str, dataset: str, config: dict, config_hash: str, version: str,
-                  num_shards: int | None = None) -> None:
+                  num_shards: int | None = None, until: str | None = None) -> None:
         existing = self.query("SELECT run_id FROM runs WHERE run_id = ?", [run_id])
         if existing:
             self._tx("UPDATE runs SET status='running', error=NULL, finished_at=NULL WHERE run_id=?", [run_id])
         else:
-            self._tx("INSERT INTO runs VALUES (?, 'running', ?, ?, ?, ?, ?, NULL, NULL, ?, NULL)",
-                     [run_id, dataset, json.dumps(config), config_hash, version, num_shards, now()])
+            self._tx("INSERT INTO runs VALUES (?, 'running', ?, ?, ?, ?, ?, ?, NULL, NULL, ?, NULL)",
+                     [run_id, dataset, json.dumps(config), config_hash, version, num_shards, until, now()])
         self.snapshot(force=True)
 
     def set_run(self, run_id: str, **fields: Any) -> None:

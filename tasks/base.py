@@ -108,4 +108,4 @@ class SourceStage(Stage):
 
     @staticmethod
     def shard_key(row: Record) -> str:
-        return getattr(row, "id")
+        return row.id

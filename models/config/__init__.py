@@ -14,7 +14,13 @@ from models.config.characters import CharactersConfig
 from models.config.engine import BUNDLED_MODEL, EngineConfig
 from models.config.eval import EvalConfig
 from models.config.filter import FilterConfig
-from models.config.generation import QueriesConfig, ResponsesConfig, SamplingConfig, SessionsConfig, SFTDataConfig
+from models.config.generation import (
+    QueriesConfig,
+    ResponsesConfig,
+    SamplingConfig,
+    SessionsConfig,
+    SFTDataConfig,
+)
 from models.config.run import RunnerConfig
 from models.config.train import TrainConfig
 from models.ids import content_hash

@@ -1,0 +1,87 @@
+"""Stage `responses`: the paper's T_R. The full profile is in the prompt (reading comprehension); the
+character answers in role, refusing in role when a (contrastive) question lies outside its identity.
+Each turn is answered independently. Long profiles are cut to `max_profile_tokens`, flagged."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from engines.base import Sampling
+from models.config import RunConfig
+from models.ids import row_id
+from models.records import Character, GenerationMeta, Query, Turn
+from tasks import prompts
+from tasks.base import ShardOutput, Stage, StageContext
+from tasks.profile import profile_text
+
+
+def clean_answer(text: str, label: str) -> str:
+    """Strip a leading speaker tag ("Alice:" / "**Alice**:") and surrounding whitespace."""
+    text = text.strip()
+    text = re.sub(rf"^\**{re.escape(label)}\**\s*[:：]\s*", "", text)
+    return text.strip()
+
+
+def build_messages(character: dict, question: str, max_profile_tokens: int) -> tuple[list[dict[str, str]], bool]:
+    tpl = prompts.load("responses", character["language"])
+    profile, truncated = profile_text(character, max_profile_tokens)
+    aliases = [a for a in (character.get("aliases") or []) if a][:5]
+    sep = "，又名" if tpl.language == "zh" else ", also known as "
+    claims = (character.get("claims") or "").strip() or ("（无）" if tpl.language == "zh" else "(none)")
+    msgs = tpl.messages(label=character["label"], description=(character.get("description") or "").rstrip(".。"),
+                        aliases=(sep + ", ".join(aliases)) if aliases else "", claims=prompts.fence_safe(claims[:1500]),
+                        profile=prompts.fence_safe(profile), question=question)
+    return msgs, truncated
+
+
+class ResponsesStage(Stage):
+    name = "responses"
+    output = Turn
+    inputs = {"queries": Query, "characters": Character}
+    uses_engine = True
+
+    def fingerprint(self, config: RunConfig) -> dict[str, Any]:
+        return {"responses": config.responses.model_dump(mode="json"),
+                "prompts": prompts.fingerprint("responses", config.characters.languages),
+                "engine": config.engine.model_dump(mode="json", include={"kind", "model", "revision", "seed"})}
+
+    def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
+        cfg = ctx.config.responses
+        chars = {f"{c['id']}@{c['language']}": c for c in inputs["characters"]}
+        out = ShardOutput(rows=[])
+        queries = inputs["queries"]
+        out.stats.rows_in = len(queries)
+        jobs = []
+        for q in queries:
+            ch = chars.get(q["character_id"])
+            if ch is None:
+                out.rejects.append(ctx.reject(q["id"], "lineage", f"character {q['character_id']} not in this shard",
+                                              character_id=q["character_id"], text=q["question"]))
+                out.stats.dropped["lineage"] += 1
+                continue
+            msgs, truncated = build_messages(ch, q["question"], cfg.max_profile_tokens)
+            jobs.append((q, ch, msgs, truncated))
+        if not jobs:
+            return out
+        engine = ctx.engine()
+        sp = cfg.sampling
+        sampling = Sampling(temperature=sp.temperature, top_p=sp.top_p, repetition_penalty=sp.repetition_penalty,
+                            max_tokens=sp.max_tokens)
+        gens = engine.generate([m for _, _, m, _ in jobs], sampling)
+        out.stats.count_generations(gens)
+        for (q, ch, msgs, truncated), g in zip(jobs, gens, strict=True):
+            answer = clean_answer(g.text, ch["label"])
+            out.rows.append(Turn(
+                id=row_id("turn", q["id"]), query_id=q["id"], character_id=q["character_id"],
+                language=q["language"], kind=q["kind"], question=q["question"], answer=answer,
+                profile_truncated=truncated, parents=[q["id"], q["character_id"]],
+                gen=GenerationMeta(prompt=json.dumps(msgs, ensure_ascii=False), raw_output=g.text,
+                                   prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
+                                   finish_reason=g.finish_reason, model=g.model or engine.model_id,
+                                   seed=ctx.config.engine.seed)))
+            if truncated:
+                out.stats.extra["profiles_truncated"] = out.stats.extra.get("profiles_truncated", 0) + 1
+        out.stats.rows_out = len(out.rows)
+        return out
