@@ -4,8 +4,9 @@ it writes plausible-shaped text derived from a hash of the prompt, with no model
 from __future__ import annotations
 
 import json
+import os
 
-from engines.base import Engine, Generation, Message, Sampling
+from engines.base import Engine, EngineError, Generation, Message, Sampling, TransientEngineError
 from models.ids import content_hash
 
 
@@ -35,6 +36,13 @@ class FakeEngine(Engine):
 
     def _generate(self, chats: list[list[Message]], sampling: list[Sampling]) -> list[Generation]:
         self.calls += 1
+        opts = self.config.options
+        fail_on, switch = opts.get("fail_on"), opts.get("fail_while_exists")
+        if fail_on and (switch is None or os.path.exists(switch)) and any(
+                fail_on in m["content"] for chat in chats for m in chat):
+            raise EngineError(f"fake engine: permanent failure on a prompt containing {fail_on!r}")
+        if self.calls <= int(opts.get("transient_failures", 0)):
+            raise TransientEngineError(f"fake engine: transient failure {self.calls}")
         out = []
         for chat, sp in zip(chats, sampling, strict=True):
             text = self._one(chat, sp)

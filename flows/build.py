@@ -81,6 +81,14 @@ def _num_shards(rows: int, shard_size: int) -> int:
     return 1 << (need - 1).bit_length()
 
 
+def input_hash(stage: str, fingerprint: dict[str, Any], shard: int, num_shards: int,
+               upstream: dict[str, str], extra_digest: str | None = None, version: str | None = None) -> str:
+    """A shard's key: stage config + prompt text + model id/revision (the fingerprint), package version,
+    the upstream shards' keys and a global step's digest, as canonical JSON."""
+    return content_hash({"stage": stage, "fp": fingerprint, "version": version or VERSION, "shard": shard,
+                         "n": num_shards, "upstream": dict(sorted(upstream.items())), "extra": extra_digest})
+
+
 def _write_rejects(rejects: list[Rejection], home: Path, run_id: str, stage: str, input_hash: str,
                    shard: int) -> tuple[str | None, int]:
     if not rejects:
@@ -120,7 +128,7 @@ def collect_source(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows, rejects = stage.collect(cfg)
     seconds = time.perf_counter() - t0
-    n = job["num_shards"] or _num_shards(len({stage.shard_key(r) for r in rows}),
+    n = job["num_shards"] or cfg.runner.num_shards or _num_shards(len({stage.shard_key(r) for r in rows}),
                                          getattr(cfg.characters, "shard_size", 8))
     parts: dict[int, list] = {k: [] for k in range(n)}
     for r in rows:
@@ -238,9 +246,7 @@ class _Runner:
             if any(k not in up[u] for u in stage.inputs):
                 continue  # upstream failed or missing: this shard stays missing until a rerun
             x = extra.get(k, {})
-            h = content_hash({"stage": name, "fp": fp, "version": VERSION, "shard": k, "n": n,
-                              "upstream": {u: up[u][k]["input_hash"] for u in sorted(stage.inputs)},
-                              "extra": x.get("digest")})
+            h = input_hash(name, fp, k, n, {u: up[u][k]["input_hash"] for u in stage.inputs}, x.get("digest"))
             cur = existing.get(k)
             if (cur and cur["status"] == "done" and cur["input_hash"] == h and cur["path"]
                     and Path(cur["path"]).exists()):

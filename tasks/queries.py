@@ -8,17 +8,22 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 from typing import Any
 
 from engines.base import Sampling
+from models.base import table_rows
 from models.config import RunConfig
 from models.ids import content_hash, row_id
 from models.records import Character, GenerationMeta, Query
+from storage.shards import read_table
 from tasks import prompts
 from tasks.base import ShardOutput, Stage, StageContext
 from tasks.profile import profile_text
 
 PARTNER_PROFILE_TOKENS = 250
+FALLBACK_POOL = 4
+POOL_COLUMNS = ["id", "label", "description", "language", "category", "summary"]
 
 
 def question_schema(n: int) -> dict[str, Any]:
@@ -102,6 +107,30 @@ class QueriesStage(Stage):
                 "prompts": prompts.fingerprint("queries", config.characters.languages),
                 "engine": config.engine.model_dump(mode="json", include={"kind", "model", "revision", "seed"})}
 
+    def prepare(self, config: RunConfig, home: Path, run_id: str,
+                upstream: dict[str, dict[int, str]]) -> dict[int, dict[str, Any]]:
+        """Shards where a language has a single character get a small fallback partner pool drawn from
+        the other shards (deterministic); only the digest of that pool enters those shards' keys."""
+        by_shard: dict[int, list[dict]] = {}
+        for k, path in upstream["characters"].items():
+            by_shard[k] = table_rows(read_table(path, columns=POOL_COLUMNS))
+        out: dict[int, dict[str, Any]] = {}
+        for k, rows in by_shard.items():
+            lonely = sorted({r["language"] for r in rows} - {r["language"] for r in rows
+                                                               if sum(x["language"] == r["language"] for x in rows) > 1})
+            if not lonely:
+                continue
+            pool = []
+            for lang in lonely:
+                # the FALLBACK_POOL other-shard characters with the smallest seeded hash: a new character
+                # changes this pool only if its own hash is among the smallest (a bottom-k sample)
+                others = [r for j, rs in by_shard.items() if j != k for r in rs if r["language"] == lang]
+                others.sort(key=lambda r: content_hash([config.seed, k, lang, r["id"]]))
+                pool += others[:FALLBACK_POOL]
+            if pool:
+                out[k] = {"pool": pool, "digest": content_hash(pool)}
+        return out
+
     def build_messages(self, a: dict, b: dict, n: int) -> list[dict[str, str]]:
         tpl = prompts.load("queries", a["language"])
         a_profile, _ = profile_text(a, 600)
@@ -116,8 +145,12 @@ class QueriesStage(Stage):
         out = ShardOutput(rows=[])
         out.stats.rows_in = len(chars)
         pairs = []
+        here = {_rid(c) for c in chars}
         for a in chars:
             partners = pick_partners(a, chars, cfg.pairings, ctx.seed)
+            if not [b for b in partners if b["language"] == a["language"]] and ctx.extra.get("pool"):
+                partners = pick_partners(a, [c for c in ctx.extra["pool"] if c["language"] == a["language"]],
+                                         cfg.pairings, ctx.seed) or partners
             if not partners:
                 out.rejects.append(ctx.reject(_rid(a), "no_partner", "no other character in this shard to pair with",
                                               character_id=_rid(a)))
@@ -154,6 +187,8 @@ class QueriesStage(Stage):
                                       seed=ctx.config.engine.seed, rounds=rnd)
                 for j, q in enumerate(qs):
                     for kind, who in (("role_specific", a), ("contrastive", b)):
+                        if _rid(who) not in here:
+                            continue  # a partner from another shard: its contrastive copy belongs there
                         out.rows.append(Query(
                             id=row_id("query", _rid(a), _rid(b), j, kind, content_hash(q["question"], 8)),
                             character_id=_rid(who), language=who["language"], kind=kind, question=q["question"],

@@ -1,6 +1,12 @@
 import os
+import tempfile
 
 import pytest
+
+# Prefect state of the test session lives in a throw-away folder (ephemeral API, SQLite).
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ditto-prefect-"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.pop("PREFECT_API_URL", None)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

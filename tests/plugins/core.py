@@ -1,1 +1,76 @@
-"""Shared fixtures."""
+"""Fixtures for flow tests: a small list-backed character source and a fake-engine config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.config import RunConfig
+from models.records import Character, Rejection
+from tasks.base import SourceStage
+
+NAMES = [
+    ("Q1", "Ada Lovelace", "English mathematician", "real"),
+    ("Q2", "Sherlock Holmes", "fictional detective created by Arthur Conan Doyle", "fictional"),
+    ("Q3", "Napoleon", "French emperor", "real"),
+    ("Q4", "Sun Wukong", "Monkey King of Journey to the West", "fictional"),
+    ("Q5", "Marie Curie", "physicist and chemist", "real"),
+    ("Q6", "James Bond", "fictional British spy", "fictional"),
+    ("Q7", "Cleopatra", "queen of Ptolemaic Egypt", "real"),
+    ("Q8", "Frodo Baggins", "hobbit of the Shire", "fictional"),
+]
+
+
+def make_characters(n: int = 8, language: str = "en") -> list[dict]:
+    out = []
+    for i in range(n):
+        qid, label, desc, cat = NAMES[i % len(NAMES)]
+        qid = qid if i < len(NAMES) else f"Q{100 + i}"
+        out.append(Character(id=qid, label=label if i < len(NAMES) else f"{label} {i}", description=desc,
+                             category=cat, language=language, popularity=100 - i,
+                             summary=f"{label} is {desc}. " * 4, article=f"{label} is {desc}. " * 8,
+                             source="jsonl").model_dump())
+    return out
+
+
+class ListSource(SourceStage):
+    """Reads Character rows from the JSONL file at characters.path (tests only)."""
+
+    name = "characters"
+    output = Character
+
+    def fingerprint(self, config: RunConfig) -> dict:
+        return {"path": config.characters.path}
+
+    def collect(self, config: RunConfig) -> tuple[list[Character], list[Rejection]]:
+        rows = [json.loads(line) for line in Path(config.characters.path).read_text().splitlines() if line.strip()]
+        return [Character.model_validate(r) for r in rows], []
+
+    @staticmethod
+    def shard_key(row: Character) -> str:
+        return row.id
+
+
+@pytest.fixture
+def list_source(monkeypatch):
+    from flows import stages
+
+    monkeypatch.setitem(stages.STAGES, "characters", "tests.plugins.core:ListSource")
+    stages.get_stage.cache_clear()
+    yield
+    stages.get_stage.cache_clear()
+
+
+@pytest.fixture
+def chars_file(tmp_path) -> Path:
+    p = tmp_path / "chars.jsonl"
+    p.write_text("\n".join(json.dumps(c) for c in make_characters(8)) + "\n")
+    return p
+
+
+@pytest.fixture
+def fake_overrides(chars_file) -> list[str]:
+    return ["engine.kind=fake", f"characters.path={chars_file}", "characters.source=jsonl",
+            "characters.shard_size=2", "runner.retry_delay_seconds=[0]"]
