@@ -292,6 +292,15 @@ def repair(home: HomeOpt = None) -> None:
     out.print(f"catalog rebuilt from the snapshot: {n} runs")
 
 
+@app.command("config")
+def config_cmd(reference: Annotated[bool, typer.Option("--reference", help="Markdown table of every key")] = False,
+               ) -> None:
+    """Print the default run config as YAML (the embedded demo), or the key reference."""
+    from flows.config_doc import default_yaml, reference_markdown
+
+    sys.stdout.write((reference_markdown() if reference else default_yaml()) + "\n")
+
+
 @model_app.command("prepare")
 def model_prepare() -> None:
     """Convert the bundled SmolLM2-135M-Instruct GGUF into a safetensors folder (once; cached)."""
