@@ -1,0 +1,300 @@
+"""What the dashboard shows, read-only: the catalog snapshot (CatalogReader) and the Parquet shards the
+catalog registered. Never opens catalog.duckdb, so it works while a run holds it. Every query is
+parameterised; file paths come only from the catalog and must lie under <home>."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from models.base import table_rows
+from storage.catalog import now
+from storage.reader import CatalogReader
+
+logger = logging.getLogger("ditto.dashboard")
+
+STAGE_ORDER = ["characters", "queries", "responses", "filter", "sft_data"]
+SESSIONS_STAGE = "filter"  # its shards hold Session rows
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+STAGE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+ROW_ID_RE = re.compile(r"^\w[\w.@:+-]{0,199}$")
+
+
+class NotFound(LookupError):
+    pass
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
+        raise BadRequest("invalid run id")
+    return run_id
+
+
+def check_row_id(value: str, what: str) -> str:
+    if not ROW_ID_RE.fullmatch(value) or ".." in value:
+        raise BadRequest(f"invalid {what}")
+    return value
+
+
+def prefect_ui_base() -> str | None:
+    """The Prefect UI root from PREFECT_UI_URL, else PREFECT_API_URL without its /api suffix."""
+    ui = os.environ.get("PREFECT_UI_URL", "").strip()
+    if not ui:
+        api = os.environ.get("PREFECT_API_URL", "").strip().rstrip("/")
+        ui = api[: -len("/api")] if api.endswith("/api") else ""
+    ui = ui.rstrip("/")
+    return ui if re.match(r"^https?://[^\s\"'<>]+$", ui) else None
+
+
+def prefect_run_url(flow_run_id: str | None) -> str | None:
+    base = prefect_ui_base()
+    if not base or not flow_run_id:
+        return None
+    try:
+        fid = uuid.UUID(str(flow_run_id))
+    except ValueError:
+        return None
+    return f"{base}/runs/flow-run/{fid}"
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None:
+        return None
+    return round(((end or now()) - start).total_seconds(), 1)
+
+
+def _iso(v: Any) -> Any:
+    return v.isoformat(sep=" ", timespec="seconds") if isinstance(v, datetime) else v
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: _iso(v) for k, v in row.items()}
+
+
+def _stage_key(stage: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
+
+
+class DashboardData:
+    def __init__(self, home: str | Path):
+        self.home = Path(home).expanduser().resolve()
+
+    # -- catalog ----------------------------------------------------------------------------
+    def _reader(self) -> CatalogReader:
+        return CatalogReader(self.home)
+
+    def _safe_paths(self, paths: list[str | None]) -> list[str]:
+        """Registered Parquet files that exist and lie under <home> (symlinks resolved)."""
+        out = []
+        for p in paths:
+            if not p:
+                continue
+            rp = Path(p).resolve()
+            if rp.suffix != ".parquet" or not rp.is_relative_to(self.home) or not rp.is_file():
+                logger.warning("skipping a registered path outside %s or missing: %s", self.home, p)
+                continue
+            out.append(str(rp))
+        return out
+
+    def runs(self) -> list[dict[str, Any]]:
+        with self._reader() as rd:
+            runs = rd.query("SELECT * FROM runs ORDER BY started_at DESC NULLS LAST, run_id")
+            stats = rd.query("SELECT run_id, stage, rows_out, prompt_tokens, completion_tokens, shards_done "
+                             "FROM stage_stats")
+            fails = {r["run_id"]: r["n"] for r in rd.query(
+                "SELECT run_id, count(*) AS n FROM shards WHERE status = 'failed' GROUP BY run_id")}
+        by_run: dict[str, list[dict]] = {}
+        for s in stats:
+            by_run.setdefault(s["run_id"], []).append(s)
+        out = []
+        for r in runs:
+            st = sorted(by_run.get(r["run_id"], []), key=lambda s: _stage_key(s["stage"]))
+            produced = [s for s in st if s["shards_done"]]
+            out.append({
+                "run_id": r["run_id"], "dataset": r["dataset"], "status": r["status"],
+                "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"]),
+                "duration_s": _seconds(r["started_at"], r["finished_at"]),
+                "last_stage": produced[-1]["stage"] if produced else None,
+                "rows": (produced[-1]["rows_out"] or 0) if produced else 0,
+                "tokens": sum((s["prompt_tokens"] or 0) + (s["completion_tokens"] or 0) for s in st),
+                "failed_shards": fails.get(r["run_id"], 0), "error": r["error"],
+                "flow_run_id": r["flow_run_id"], "prefect_url": prefect_run_url(r["flow_run_id"]),
+            })
+        return out
+
+    def _run_row(self, rd: CatalogReader, run_id: str) -> dict[str, Any]:
+        check_run_id(run_id)
+        run = rd.run(run_id)
+        if run is None:
+            raise NotFound("run not found")
+        return run
+
+    def stages_of(self, run_id: str) -> list[str]:
+        with self._reader() as rd:
+            self._run_row(rd, run_id)
+            rows = rd.query("SELECT DISTINCT stage FROM shards WHERE run_id = ? UNION "
+                            "SELECT DISTINCT stage FROM stage_stats WHERE run_id = ?", [run_id, run_id])
+        return sorted((r["stage"] for r in rows), key=_stage_key)
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        with self._reader() as rd:
+            run = self._run_row(rd, run_id)
+            stats = {s["stage"]: s for s in rd.stage_stats(run_id)}
+            shards = rd.shards(run_id)
+            models = rd.query("SELECT model_id, base_model, status, metrics, created_at FROM models "
+                              "WHERE run_id = ? ORDER BY created_at", [run_id])
+            evals = rd.query("SELECT eval_id, model, language, metric, value, n, created_at FROM evaluations "
+                             "WHERE run_id = ? ORDER BY model, language, metric", [run_id])
+        by_stage: dict[str, list[dict]] = {}
+        for s in shards:
+            by_stage.setdefault(s["stage"], []).append(s)
+        stages = []
+        for name in sorted(set(stats) | set(by_stage), key=_stage_key):
+            st = stats.get(name, {})
+            sh = by_stage.get(name, [])
+            seconds = float(st.get("seconds") or 0)
+            ctoks = st.get("completion_tokens") or 0
+            stages.append({
+                "stage": name, "rows_in": st.get("rows_in") or 0, "rows_out": st.get("rows_out") or 0,
+                "dropped": st.get("dropped") or {}, "requests": st.get("requests") or 0,
+                "prompt_tokens": st.get("prompt_tokens") or 0, "completion_tokens": ctoks,
+                "format_failures": st.get("format_failures") or 0, "seconds": round(seconds, 2),
+                "tokens_per_second": round(ctoks / seconds, 1) if seconds else None,
+                "rows_per_second": round((st.get("rows_out") or 0) / seconds, 2) if seconds else None,
+                "shards_total": len(sh),
+                "shards": {k: sum(1 for x in sh if x["status"] == k) for k in ("done", "failed", "running", "pending")},
+                "shards_reused": sum(1 for x in sh if x["reused_from"]),
+                "grid": [{"shard": x["shard"], "status": x["status"], "rows": x["rows"],
+                          "rejected_rows": x["rejected_rows"], "attempts": x["attempts"], "error": x["error"],
+                          "reused_from": x["reused_from"],
+                          "seconds": _seconds(x["started_at"], x["finished_at"]) if x["finished_at"] else None}
+                         for x in sh],
+            })
+        config = json.loads(run["config"]) if run.get("config") else {}
+        info = _jsonable({k: v for k, v in run.items() if k != "config"})
+        info["duration_s"] = _seconds(run["started_at"], run["finished_at"])
+        info["prefect_url"] = prefect_run_url(run["flow_run_id"])
+        for m in models:
+            m["metrics"] = json.loads(m["metrics"]) if m["metrics"] else {}
+        return {"run": info, "config": config, "stages": stages, "models": [_jsonable(m) for m in models],
+                "evaluations": [_jsonable(e) for e in evals],
+                "has_sessions": bool(self._session_paths(run_id))}
+
+    # -- Parquet ----------------------------------------------------------------------------
+    def _session_paths(self, run_id: str) -> list[str]:
+        with self._reader() as rd:
+            return self._safe_paths(rd.done_paths(run_id, SESSIONS_STAGE))
+
+    def _reject_paths(self, run_id: str, stage: str | None = None) -> list[str]:
+        with self._reader() as rd:
+            rows = rd.query("SELECT rejects_path AS p FROM shards WHERE run_id = ? AND status = 'done' "
+                            "AND rejects_path IS NOT NULL AND (? IS NULL OR stage = ?) ORDER BY stage, shard",
+                            [run_id, stage, stage])
+        return self._safe_paths([r["p"] for r in rows])
+
+    @staticmethod
+    def _parquet(sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        con = duckdb.connect(":memory:")
+        try:
+            return table_rows(con.sql(sql, params=params).to_arrow_table())
+        finally:
+            con.close()
+
+    def characters(self, run_id: str, q: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """Characters that have sessions in the run, optionally filtered by a search text."""
+        with self._reader() as rd:
+            self._run_row(rd, run_id)
+        paths = self._session_paths(run_id)
+        if not paths:
+            return {"run_id": run_id, "q": q, "total": 0, "characters": []}
+        q = (q or "").strip() or None
+        where = "(? IS NULL OR contains(lower(label), lower(?)) OR contains(lower(character_id), lower(?)))"
+        base = f"FROM read_parquet(?) WHERE {where}"
+        args = [paths, q, q, q]
+        total = self._parquet(f"SELECT count(DISTINCT character_id) AS n {base}", args)[0]["n"]
+        rows = self._parquet(
+            f"SELECT character_id, any_value(label) AS label, any_value(category) AS category, "
+            f"string_agg(DISTINCT language, ',' ORDER BY language) AS languages, count(*) AS sessions, "
+            f"CAST(sum(len(turns)) AS BIGINT) AS turns {base} GROUP BY character_id ORDER BY label, character_id LIMIT ? OFFSET ?",
+            [*args, limit, offset])
+        return {"run_id": run_id, "q": q, "total": total, "limit": limit, "offset": offset, "characters": rows}
+
+    def rejects(self, run_id: str, stage: str | None = None, character_id: str | None = None,
+                limit: int = 200, offset: int = 0) -> dict[str, Any]:
+        stages = self.stages_of(run_id)
+        if stage is not None and (not STAGE_RE.fullmatch(stage) or stage not in stages):
+            raise NotFound("stage not found")
+        if character_id is not None:
+            check_row_id(character_id, "character id")
+        paths = self._reject_paths(run_id, stage)
+        if not paths:
+            return {"run_id": run_id, "stage": stage, "total": 0, "by_reason": [], "rejects": []}
+        base = "FROM read_parquet(?) WHERE (? IS NULL OR character_id = ?)"
+        args = [paths, character_id, character_id]
+        by_reason = self._parquet(f"SELECT stage, filter, reason, count(*) AS n {base} GROUP BY ALL "
+                                  f"ORDER BY n DESC, stage, filter, reason LIMIT 100", args)
+        total = self._parquet(f"SELECT count(*) AS n {base}", args)[0]["n"]
+        rows = self._parquet(f"SELECT row_id, stage, shard, filter, reason, score, character_id, text {base} "
+                             f"ORDER BY stage, shard, row_id LIMIT ? OFFSET ?", [*args, limit, offset])
+        return {"run_id": run_id, "stage": stage, "character_id": character_id, "total": total,
+                "by_reason": by_reason, "rejects": rows}
+
+    def character(self, run_id: str, character_id: str) -> dict[str, Any]:
+        check_row_id(character_id, "character id")
+        with self._reader() as rd:
+            self._run_row(rd, run_id)
+        paths = self._session_paths(run_id)
+        sessions = self._parquet(
+            "SELECT id, character_id, label, language, category, system, len(turns) AS turns "
+            "FROM read_parquet(?) WHERE character_id = ? ORDER BY language, id", [paths, character_id]) if paths else []
+        rejected = self.rejects(run_id, character_id=character_id, limit=200)
+        if not sessions and not rejected["total"]:
+            raise NotFound("character not found")
+        label = sessions[0]["label"] if sessions else character_id
+        return {"run_id": run_id, "character_id": character_id, "label": label, "sessions": sessions,
+                "rejects": rejected["rejects"], "rejects_total": rejected["total"]}
+
+    def session(self, run_id: str, session_id: str) -> dict[str, Any]:
+        check_row_id(session_id, "session id")
+        with self._reader() as rd:
+            self._run_row(rd, run_id)
+        paths = self._session_paths(run_id)
+        rows = self._parquet("SELECT * FROM read_parquet(?) WHERE id = ? LIMIT 1", [paths, session_id]) if paths else []
+        if not rows:
+            raise NotFound("session not found")
+        session = rows[0]
+        rejected = self.rejects(run_id, character_id=session["character_id"], limit=200)
+        return {"run_id": run_id, "session": session, "rejects": rejected["rejects"],
+                "rejects_total": rejected["total"]}
+
+    # -- evaluations ------------------------------------------------------------------------
+    def evaluations(self) -> dict[str, Any]:
+        with self._reader() as rd:
+            rows = rd.query(
+                "SELECT e.eval_id, e.run_id, e.model, e.language, e.metric, e.value, e.n, e.created_at, "
+                "r.started_at AS run_started FROM evaluations e LEFT JOIN runs r USING (run_id) "
+                "ORDER BY coalesce(r.started_at, e.created_at), e.created_at, e.model")
+        runs: list[str] = []
+        for r in rows:
+            if r["run_id"] not in runs:
+                runs.append(r["run_id"])
+        charts: dict[tuple[str, str], dict[str, list[float | None]]] = {}
+        for r in rows:
+            series = charts.setdefault((r["metric"], r["language"] or ""), {})
+            vals = series.setdefault(r["model"], [None] * len(runs))
+            vals[runs.index(r["run_id"])] = r["value"]
+        trends = [{"metric": m, "language": lang, "runs": runs, "series": s}
+                  for (m, lang), s in sorted(charts.items())]
+        return {"runs": runs, "trends": trends, "rows": [_jsonable(r) for r in rows]}
