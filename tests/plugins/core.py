@@ -74,3 +74,45 @@ def chars_file(tmp_path) -> Path:
 def fake_overrides(chars_file) -> list[str]:
     return ["engine.kind=fake", f"characters.path={chars_file}", "characters.source=jsonl",
             "characters.shard_size=2", "runner.retry_delay_seconds=[0]"]
+
+
+class ScriptedEngine:
+    """Returns the texts listed in options['outputs'] in order (cycling), for parser/re-sampling tests."""
+
+    in_process = False
+
+    def __init__(self, config):
+        self.config = config
+        self.i = 0
+        self.loads = 0
+
+    @property
+    def model_id(self) -> str:
+        return "scripted"
+
+    def load(self) -> None:
+        pass
+
+    def generate(self, chats, sampling):
+        from engines.base import Generation
+
+        outs = self.config.options["outputs"]
+        res = []
+        for _ in chats:
+            text = outs[self.i % len(outs)]
+            self.i += 1
+            res.append(Generation(text=text, prompt_tokens=10, completion_tokens=5,
+                                  finish_reason="length" if text.endswith("…") else "stop", model="scripted"))
+        return res
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted_engine():
+    from engines import base
+
+    base.register_engine("scripted", "tests.plugins.core:ScriptedEngine")
+    yield
+    base.close_engines()
