@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import duckdb
 import pyarrow as pa
 import pytest
 
@@ -66,7 +67,7 @@ def test_bad_row_is_a_clear_validation_error():
 def test_catalog_transaction_rolls_back(tmp_path):
     with Catalog(tmp_path) as cat:
         cat.start_run("r1", "d", {}, "h", "v")
-        with pytest.raises(Exception):
+        with pytest.raises(duckdb.ConstraintException):
             cat._tx("INSERT INTO runs (run_id) VALUES (?)", ["r1"])  # duplicate key
         assert cat.query("SELECT count(*) AS n FROM runs")[0]["n"] == 1
         cat.mark_running("r1", "queries", 0, "h0")
