@@ -209,9 +209,10 @@ def _card(card_info: dict[str, Any], counts: dict[str, dict[str, int]], tokens: 
     return "\n".join(lines) + "\n"
 
 
-def export_hf(paths: list[str | Path], out_dir: str | Path, card_info: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_hf(paths: list[str | Path], out_dir: str | Path, card_info: dict[str, Any] | None = None) -> Path:
     """Export sft_data shards as a Hugging Face dataset: `out_dir/hf` (save_to_disk), `out_dir/data/<split>-
-    00000-of-00001.parquet` (the Hub's layout) and `out_dir/README.md` (dataset card). Returns counts."""
+    00000-of-00001.parquet` (the Hub's layout), `out_dir/README.md` (dataset card) and `out_dir/export.json`
+    (counts). Returns out_dir."""
     import datasets
 
     card_info = dict(card_info or {})
@@ -246,4 +247,4 @@ def export_hf(paths: list[str | Path], out_dir: str | Path, card_info: dict[str,
     summary = {"path": str(out), "counts": counts, "rows": len(examples),
                "characters": {s: len({base_id(r['character_id']) for r in rows}) for s, rows in by_split.items()}}
     (out / "export.json").write_text(json.dumps({**summary, "card_info": card_info}, indent=1, default=str))
-    return summary
+    return out

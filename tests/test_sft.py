@@ -127,7 +127,8 @@ def test_export_hf_writes_dataset_parquet_and_card(train_home, tmp_path):
         paths = reader.done_paths("r1", "sft_data")
         run = reader.run("r1")
     out = tmp_path / "export"
-    summary = export_hf(paths, out, {"run_id": "r1", "config_hash": run["config_hash"], "dataset": "ditto"})
+    assert export_hf(paths, out, {"run_id": "r1", "config_hash": run["config_hash"], "dataset": "ditto"}) == out
+    summary = json.loads((out / "export.json").read_text())
     dd = datasets.load_from_disk(str(out / "hf"))
     assert set(dd) == {"train", "validation"}
     assert sum(len(d) for d in dd.values()) == summary["rows"] == 8
@@ -137,4 +138,4 @@ def test_export_hf_writes_dataset_parquet_and_card(train_home, tmp_path):
     card = (out / "README.md").read_text()
     assert "license: cc-by-sa-4.0" in card and "r1" in card and run["config_hash"] in card
     assert "CC BY-SA" in card and "| train | en |" in card
-    assert json.loads((out / "export.json").read_text())["counts"]["train"]["en"] == len(dd["train"])
+    assert summary["counts"]["train"]["en"] == len(dd["train"])
