@@ -59,7 +59,10 @@ def _launch_accelerate(plan: dict[str, Any], run_id: str, home: str | Path, over
     cfg = plan["config"].train
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if cfg.accelerate_config:
-        cmd += ["--config_file", cfg.accelerate_config]
+        conf = Path(cfg.accelerate_config).expanduser()
+        repo_conf = Path(__file__).resolve().parents[1] / conf
+        cmd += ["--config_file", str(conf if conf.is_absolute() or conf.exists() or not repo_conf.exists()
+                                     else repo_conf)]
     if cfg.num_processes:
         cmd += ["--num_processes", str(cfg.num_processes)]
     cmd += ["-m", "tasks.train", "--home", str(home), "--run-id", run_id, "--out-dir", str(plan["out_dir"])]
