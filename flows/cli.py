@@ -30,6 +30,7 @@ def _quiet_prefect(verbose: bool) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
@@ -310,6 +311,8 @@ def model_prepare() -> None:
 
 
 def main() -> None:
+    # before anything imports prefect or vllm: their log levels are read at import
+    _quiet_prefect("--verbose" in sys.argv)
     try:
         app()
     except KeyboardInterrupt:
