@@ -93,7 +93,10 @@ def next_fire_times(cron: str, timezone: str | None = None, n: int = 3,
 
     check_schedule("<cron>", {"cron": cron, "timezone": timezone})
     sched = CronSchedule(cron=cron, timezone=timezone) if timezone else CronSchedule(cron=cron)
-    return list(run_coro_as_sync(sched.get_dates(n=n, start=after)))
+    try:
+        return list(run_coro_as_sync(sched.get_dates(n=n, start=after)))
+    except Exception as exc:  # croniter's CroniterBadDateError: a valid expression with no date (Feb 31)
+        raise DeployError(f"cron {cron!r} has no next fire time: {exc}") from None
 
 
 def _api_env() -> dict[str, str]:
