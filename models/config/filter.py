@@ -45,6 +45,7 @@ class LanguageFilterConfig(Strict):
     min_confidence: float = Field(0.5, ge=0, le=1, description="langid probability of the session's language")
     min_chars: int = Field(24, ge=0, description="shorter answers are judged by script only (langid is unreliable)")
     min_cjk_ratio: float = Field(0.3, ge=0, le=1, description="zh answers: least share of CJK among letters")
+    max_chars: int = Field(240, ge=16, description="langid reads this many leading characters (its cost is linear)")
 
 
 class DedupConfig(Strict):
@@ -52,9 +53,11 @@ class DedupConfig(Strict):
     near: bool = Field(True, description="drop near duplicates (MinHash LSH) across the whole run")
     threshold: float = Field(0.7, gt=0, le=1, description="estimated Jaccard of shingle sets that makes a near duplicate")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (uint32 each)")
-    shingle: int = Field(3, ge=1, le=10, description="shingle size in tokens (words; CJK characters)")
+    shingle: int = Field(2, ge=1, le=10, description="shingle size in tokens (words; CJK characters)")
     seed: int = Field(1, description="MinHash permutation seed")
     bands: int | None = Field(None, ge=2, description="LSH bands (rows = num_perm // bands); None: datasketch's optimum")
+    workers: int = Field(0, ge=0, description="processes signing shards in the global step; 0: one per CPU core "
+                                              "when there are at least 20,000 turns to sign, else 1")
 
 
 class OutOfRoleConfig(Strict):

@@ -9,7 +9,13 @@ import numpy as np
 
 from models.config.filter import FormatFilterConfig, LanguageFilterConfig, LengthFilterConfig
 from tasks.filters import Drop, Item, RowFilter
-from tasks.filters.text import cjk_ratio, token_estimate, trim_to_sentence
+from tasks.filters.text import KANA, cjk_ratio, token_estimate, trim_to_sentence
+
+# frequent English words that are not also frequent words of German, French, Spanish, Dutch or Italian
+EN_FUNCTION = frozenset("the and of to is i my it that for with you this have had were be not but they his her he "
+                        "she we our me are at from by on or been would could there their what which".split())
+_EN_FUNCTION = re.compile(r"\b(?:" + "|".join(sorted(EN_FUNCTION)) + r")\b")
+_KANA_OR_HANGUL = re.compile(rf"[{KANA}\uac00-\ud7af]")
 
 _TEMPLATE = re.compile(
     r"\{(?:label|description|aliases|claims|profile|question|answer|name|role)\}"
@@ -113,8 +119,10 @@ class _LangId:
 
 
 class LanguageFilter(RowFilter):
-    """The answer must be in the session's language. Script first (CJK share), then langid for texts long
-    enough to judge; short texts pass on script alone."""
+    """The answer must be in the session's language. Script first (CJK share); clear cases are decided
+    there (zh: mostly CJK and no kana/hangul; en: many English function words) and scored lang=1.0; the rest
+    goes to langid (score: its probability of the session language) when long enough to judge; short
+    texts pass on script alone."""
 
     name = "language"
 
@@ -124,7 +132,7 @@ class LanguageFilter(RowFilter):
 
     def check(self, item: Item) -> Drop | None:
         lang, text = item.language, item.answer
-        ratio = cjk_ratio(text)
+        ratio = cjk_ratio(text[:self.cfg.max_chars * 2])
         if lang == "zh":
             if ratio < self.cfg.min_cjk_ratio:
                 return Drop("language", f"expected zh, CJK share {ratio:.2f} < {self.cfg.min_cjk_ratio}", ratio)
@@ -132,7 +140,16 @@ class LanguageFilter(RowFilter):
             return Drop("language", f"expected {lang}, CJK share {ratio:.2f}", ratio)
         if len(text) < self.cfg.min_chars or lang not in self.langid.index:
             return None
-        p, best = self.langid.prob(text, lang)
+        head = text[:self.cfg.max_chars]
+        if lang == "zh" and ratio >= 0.6 and not _KANA_OR_HANGUL.search(head):
+            item.scores["lang"] = 1.0
+            return None
+        if lang == "en" and ratio == 0:
+            words = len(head.split())
+            if words >= 8 and len(_EN_FUNCTION.findall(head.lower())) >= 0.2 * words:
+                item.scores["lang"] = 1.0
+                return None
+        p, best = self.langid.prob(text[:self.cfg.max_chars], lang)
         item.scores["lang"] = round(p, 4)
         if p < self.cfg.min_confidence:
             return Drop("language", f"expected {lang}, langid says {best} (p({lang})={p:.2f})", p)

@@ -23,8 +23,10 @@ never suppresses a good one.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import zlib
-from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -92,32 +94,59 @@ def shingles(text: str, n: int) -> np.ndarray:
     return np.unique(h)
 
 
-def minhash_batch(shingle_sets: list[np.ndarray], num_perm: int, seed: int, chunk: int = 1 << 16) -> np.ndarray:
-    """Signatures (len(sets) x num_perm, uint32) of many shingle sets at once; an empty set gives all-max."""
+def _minhash_concat(hv: np.ndarray, lens: np.ndarray, num_perm: int, seed: int, chunk: int) -> np.ndarray:
+    """Signatures of documents whose shingle hashes lie back to back in `hv` (doc i has lens[i] of them)."""
     a, b = permutations(num_perm, seed)
-    out = np.full((len(shingle_sets), num_perm), EMPTY, dtype=_U32)
-    start = 0
-    while start < len(shingle_sets):
-        # group documents until about `chunk` shingles: bounds the (shingles x num_perm) temporary
-        stop, total = start, 0
-        while stop < len(shingle_sets) and (total == 0 or total + len(shingle_sets[stop]) <= chunk):
-            total += len(shingle_sets[stop])
-            stop += 1
-        part = shingle_sets[start:stop]
-        lens = np.fromiter((len(s) for s in part), dtype=np.int64, count=len(part))
-        nonempty = np.flatnonzero(lens)
+    out = np.full((len(lens), num_perm), EMPTY, dtype=_U32)
+    ends = np.cumsum(lens)
+    doc = 0
+    while doc < len(lens):
+        # group documents up to about `chunk` shingles: bounds the (shingles x num_perm) temporary
+        lo = ends[doc] - lens[doc]
+        stop = max(doc + 1, int(np.searchsorted(ends, lo + chunk, side="right")))
+        part = lens[doc:stop]
+        nonempty = np.flatnonzero(part)
         if len(nonempty):
-            hv = fmix32(np.concatenate([part[i] for i in nonempty]))
+            h = fmix32(hv[lo:ends[stop - 1]])
             with np.errstate(over="ignore"):
-                phv = hv[:, None] * a[None, :] + b[None, :]
-            offsets = np.concatenate([[0], np.cumsum(lens[nonempty])[:-1]])
-            out[start + nonempty] = np.minimum.reduceat(phv, offsets, axis=0)
-        start = stop
+                phv = h[:, None] * a[None, :] + b[None, :]
+            offsets = (np.cumsum(part) - part)[nonempty]
+            out[doc + nonempty] = np.minimum.reduceat(phv, offsets, axis=0)
+        doc = stop
     return out
 
 
-def signatures(texts: Iterable[str], cfg: DedupConfig) -> np.ndarray:
-    return minhash_batch([shingles(t, cfg.shingle) for t in texts], cfg.num_perm, cfg.seed)
+def minhash_batch(shingle_sets: list[np.ndarray], num_perm: int, seed: int, chunk: int = 1 << 16) -> np.ndarray:
+    """Signatures (len(sets) x num_perm, uint32) of many shingle sets at once; an empty set gives all-max."""
+    lens = np.fromiter((len(x) for x in shingle_sets), dtype=np.int64, count=len(shingle_sets))
+    hv = np.concatenate(shingle_sets).astype(_U32) if len(shingle_sets) else np.empty(0, _U32)
+    return _minhash_concat(hv, lens, num_perm, seed, chunk)
+
+
+def signatures(texts: list[str], cfg: DedupConfig, batch: int = 8192, chunk: int = 8192) -> np.ndarray:
+    """MinHash signatures of texts, vectorised: the same values as `minhash_batch([shingles(t, n) ...])`
+    (a min over a multiset equals the min over its set, so shingles need no de-duplication)."""
+    n = cfg.shingle
+    out = np.empty((len(texts), cfg.num_perm), dtype=_U32)
+    for start in range(0, len(texts), batch):
+        toks = [tokens(t) for t in texts[start:start + batch]]
+        lens = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
+        total = int(lens.sum())
+        th = np.fromiter((zlib.crc32(w.encode("utf-8")) for ts in toks for w in ts), dtype=_U32, count=total)
+        ends = np.repeat(np.cumsum(lens), lens)
+        starts = ends - np.repeat(lens, lens)
+        pos = np.arange(total)
+        h = th.copy()
+        with np.errstate(over="ignore"):
+            for j in range(1, n):
+                nxt = np.zeros(total, dtype=_U32)
+                nxt[:total - j] = th[j:]
+                inside = pos + j < ends
+                h = np.where(inside, (h * _MIX) ^ nxt, h)
+        valid = (pos + n <= ends) | ((pos == starts) & (ends - starts < n))
+        out[start:start + len(toks)] = _minhash_concat(
+            h[valid], np.minimum(lens, np.maximum(lens - n + 1, 1)), cfg.num_perm, cfg.seed, chunk)
+    return out
 
 
 class _UnionFind:
@@ -222,19 +251,40 @@ def _signature_table(path: str, dcfg: DedupConfig, fcfg: FormatFilterConfig) -> 
                      "sig": pa.FixedSizeListArray.from_arrays(flat, dcfg.num_perm)})
 
 
+def _sign_shard(job: tuple[str, str, dict, dict]) -> str:
+    src, dst, dcfg, fcfg = job
+    write_table(_signature_table(src, DedupConfig.model_validate(dcfg), FormatFilterConfig.model_validate(fcfg)),
+                Path(dst))
+    return dst
+
+
+def _sign_all(todo: list[tuple[str, Path]], dcfg: DedupConfig, fcfg: FormatFilterConfig) -> None:
+    jobs = [(src, str(dst), dcfg.model_dump(mode="json"), fcfg.model_dump(mode="json")) for src, dst in todo]
+    workers = dcfg.workers
+    if workers == 0:
+        rows = sum(pq.read_metadata(src).num_rows for src, _ in todo)
+        workers = min(os.cpu_count() or 1, len(todo)) if rows >= 20_000 else 1
+    if workers <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            _sign_shard(j)
+        return
+    # spawn, not fork: the flow process runs threads
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_sign_shard, jobs))
+
+
 def prepare(dcfg: DedupConfig, fcfg: FormatFilterConfig, home: Path, run_id: str,
             shards: dict[int, str]) -> dict[int, dict[str, Any]]:
     root = Path(home) / "runs" / run_id / "filter_global"
     sig_key = content_hash({"dedup": dcfg.model_dump(mode="json"), "format": fcfg.model_dump(mode="json"),
                             "algo": 1})
     shard_ids = sorted(int(s) for s in shards)
+    sig_paths = {s: root / "signatures" / sig_key / f"part-{s:05d}-{content_hash(str(shards[s]), 12)}.parquet"
+                 for s in shard_ids}
+    _sign_all([(str(shards[s]), p) for s, p in sig_paths.items() if not p.exists()], dcfg, fcfg)
     id_chunks, exact_chunks, sig_chunks, owner = [], [], [], []
     for s in shard_ids:
-        src = str(shards[s])
-        path = root / "signatures" / sig_key / f"part-{s:05d}-{content_hash(src, 12)}.parquet"
-        if not path.exists():
-            write_table(_signature_table(src, dcfg, fcfg), path)
-        t = pq.read_table(path)
+        t = pq.read_table(sig_paths[s])
         id_chunks.append(t.column("id").combine_chunks())
         exact_chunks.append(t.column("exact").to_numpy())
         flat = pc.list_flatten(t.column("sig")).to_numpy()

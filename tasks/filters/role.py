@@ -25,9 +25,9 @@ META_EN = [
     r"\baccording to (?:the|my) (?:profile|introduction|description|information|wikipedia|text)\b",
 ]
 ASSISTANT_ZH = [
-    r"作为(?:一个|一名|一位)?(?:人工智能|AI|ai|语言模型|大语言模型|(?:AI|智能|虚拟)?助手)",
-    r"我(?:只)?是(?:一个|一名|一位)?(?:人工智能|AI|ai|语言模型|大语言模型|聊天机器人|(?:AI|智能|虚拟)助手)",
-    r"语言模型|人工智能助手|OpenAI|ChatGPT|训练数据",
+    r"作为(?:一个|一名|一位)?(?:人工智能|ai|语言模型|大语言模型|(?:ai|智能|虚拟)?助手)",
+    r"我(?:只)?是(?:一个|一名|一位)?(?:人工智能|ai|语言模型|大语言模型|聊天机器人|(?:ai|智能|虚拟)助手)",
+    r"语言模型|人工智能助手|openai|chatgpt|训练数据",
     r"我没有(?:个人的?|真实的?)?(?:经历|感情|情感|观点|身体)",
     r"有什么(?:可以|能|需要)?(?:帮|帮助|协助)(?:你|您)",
 ]
@@ -36,11 +36,11 @@ META_ZH = [
     r"(?:根据|按照|依据)(?:你)?(?:提供的|以上的?|上述的?|给定的|给出的)?(?:资料|简介|设定|人设|提示|介绍)",
     r"(?:提供的|以上的?|上述的?|给定的)(?:资料|简介|信息|设定|人设)",
 ]
-FIRST_PERSON_EN = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|our|us)\b", _I)
+FIRST_PERSON_EN = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|our|us)\b")
 FIRST_PERSON_ZH = re.compile(r"我|咱|俺|本人|吾|朕|寡人|在下|老夫|本王|本官|本座|小女子|妾身|贫道|老朽|洒家|本宫")
-THIRD_EN = re.compile(r"\b(?:he|she|his|her|him|they)\b", _I)
+THIRD_EN = re.compile(r"\b(?:he|she|his|her|him|they)\b")
 THIRD_ZH = re.compile(r"他|她")
-THIRD_VERBS = r"(?:was|is|had|has|became|served|lived|died|wrote|remains|were|did)"
+THIRD_VERB_AFTER = re.compile(r"\s+(?:was|is|had|has|became|served|lived|died|wrote|remains|were|did)\b")
 
 
 def _names(character: dict | None) -> list[str]:
@@ -58,33 +58,52 @@ class OutOfRoleFilter(RowFilter):
 
     def __init__(self, cfg: OutOfRoleConfig, characters: dict[str, dict] | None = None):
         self.cfg = cfg
-        self.en = re.compile("|".join(ASSISTANT_EN + META_EN + list(cfg.extra_patterns)), _I)
-        self.zh = re.compile("|".join(ASSISTANT_ZH + META_ZH + list(cfg.extra_patterns)), _I)
-        labels = sorted({n for c in (characters or {}).values() for n in _names(c)}, key=len, reverse=True)
-        self.other = None
-        if cfg.other_names and labels:
-            alt = "|".join(re.escape(n) for n in labels)
-            self.other = re.compile(rf"(?:\b(?:i am|i'm|my name is|call me|they call me)\s+|我是|我叫|我乃|我的名字(?:是|叫))"
-                                    rf"(?P<name>{alt})(?![\w])", _I)
+        # patterns are lower case and run on lower-cased text: much faster than re.IGNORECASE
+        self.en = re.compile("|".join(ASSISTANT_EN + META_EN + [p.lower() for p in cfg.extra_patterns]))
+        self.zh = re.compile("|".join(ASSISTANT_ZH + META_ZH + [p.lower() for p in cfg.extra_patterns]))
+        # one generic pattern, then a dict lookup of the words after it: a regex alternation of every
+        # label in the shard would be slow with thousands of characters
+        self.labels = {n.lower() for c in (characters or {}).values() for n in _names(c)}
+        self.max_words = max((len(n.split()) for n in self.labels), default=1)
+        self.max_chars = max((len(n) for n in self.labels), default=1)
+        self.intro = re.compile(r"(?:\b(?:i am|i'm|my name is|call me|they call me)\s+|我是|我叫|我乃|我的名字(?:是|叫))")
         self.my_name_en = re.compile(r"\b(?i:my name is) ([A-Z][\w'.-]*(?: [A-Z][\w'.-]*)*)")
 
     def check(self, item: Item) -> Drop | None:
         text = item.answer
-        m = (self.zh if item.language == "zh" else self.en).search(text) or self.en.search(text)
+        low = text.lower()
+        m = (self.zh.search(low) or self.en.search(low)) if item.language == "zh" else self.en.search(low)
         if m:
             return Drop("out_of_role", f"assistant or meta talk: {m.group(0)!r}")
         own = _names(item.character)
         own_l = [n.lower() for n in own]
         if self.cfg.other_names:
-            for m in (self.other.finditer(text) if self.other else ()):
-                name = m.group("name").lower()
-                if not any(name in n or n in name for n in own_l):
-                    return Drop("out_of_role", f"speaks as another character: {m.group(0)!r}")
+            for m in self.intro.finditer(low):
+                name = self._known_name(low[m.end():m.end() + self.max_chars + 1])
+                if name and not any(name in n or n in name for n in own_l):
+                    return Drop("out_of_role", f"speaks as another character: {low[m.start():m.end()] + name!r}")
             m = self.my_name_en.search(text)
             if m and own_l and not any(w.lower() in " ".join(own_l) for w in m.group(1).split()):
                 return Drop("out_of_role", f"gives another name: {m.group(0)!r}")
         if self.cfg.third_person and own:
             return self._third_person(item, own)
+        return None
+
+    def _known_name(self, tail: str) -> str | None:
+        """The longest known label the text after 'I am' / '我是' starts with."""
+        tail = tail.lower()
+        if not self.labels:
+            return None
+        if tail[:1] and "\u4e00" <= tail[0] <= "\u9fff":
+            for k in range(min(len(tail), self.max_chars), 1, -1):
+                if tail[:k] in self.labels:
+                    return tail[:k]
+            return None
+        words = re.findall(r"[\w'.-]+", tail)
+        for k in range(min(len(words), self.max_words), 0, -1):
+            cand = " ".join(words[:k]).rstrip(".")
+            if cand in self.labels:
+                return cand
         return None
 
     def _third_person(self, item: Item, own: list[str]) -> Drop | None:
@@ -95,13 +114,15 @@ class OutOfRoleFilter(RowFilter):
             if any(n in text for n in own) or THIRD_ZH.search(text):
                 return Drop("out_of_role", "describes the character in the third person (no first person)")
             return None
-        head = sentences(text)[:1]
+        low = text.lower()
+        head = low[:200]
         for n in own:
-            if head and re.match(rf"\s*{re.escape(n)}\s+{THIRD_VERBS}\b", head[0], _I):
-                return Drop("out_of_role", f"describes the character in the third person: {head[0][:60]!r}")
-        if FIRST_PERSON_EN.search(text):
+            n = n.lower()
+            if head.startswith(n) and THIRD_VERB_AFTER.match(head, len(n)):
+                return Drop("out_of_role", f"describes the character in the third person: {text[:60]!r}")
+        if FIRST_PERSON_EN.search(low):
             return None
-        if any(re.search(rf"\b{re.escape(n)}\b", text, _I) for n in own) or THIRD_EN.search(text):
+        if any(n.lower() in low for n in own) or THIRD_EN.search(low):
             return Drop("out_of_role", "describes the character in the third person (no first person)")
         return None
 
@@ -131,13 +152,13 @@ class RefusalClassifier:
 
     def __init__(self, head_sentences: int = 2):
         self.head = head_sentences
-        self.en = re.compile("|".join(REFUSAL_EN), _I)
+        self.en = re.compile("|".join(REFUSAL_EN))
         self.zh = re.compile("|".join(REFUSAL_ZH))
 
     def score(self, text: str, language: str) -> float:
-        head = " ".join(sentences(text)[:self.head]) or text
-        hits = len(self.en.findall(head)) + len(self.zh.findall(head))
-        return float(hits)
+        head = " ".join(sentences(text[:600])[:self.head]).lower() or text.lower()
+        pattern = self.zh if language == "zh" else self.en
+        return float(len(pattern.findall(head)))
 
     def refused(self, text: str, language: str) -> bool:
         return self.score(text, language) >= 1

@@ -26,11 +26,15 @@ def tokens(text: str) -> list[str]:
 def token_estimate(text: str) -> int:
     """A cheap length estimate: whitespace-free word runs count one each, every CJK character counts one.
     For English about 0.75 model tokens per word; for Chinese about 1-1.5 model tokens per character."""
+    if text.isascii():  # fast path: whitespace words (punctuation-only runs are rare in answers)
+        return len(text.split())
     return len(_TOKEN.findall(text))
 
 
 def cjk_ratio(text: str) -> float:
     """Share of CJK ideographs among letters (0 when there are no letters)."""
+    if text.isascii():
+        return 0.0
     letters = len(_LETTER.findall(text))
     return len(_CJK_CHAR.findall(text)) / letters if letters else 0.0
 
