@@ -78,3 +78,32 @@ def test_click_through_a_run(browser, dashboard_server, tmp_path):
     assert not external, external  # everything is served locally
     for name in ("runs", "run_failed", "run", "session", "evaluations"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000
+
+
+def test_real_small_run(browser, tmp_path, fake_overrides, list_source, prefect_server):
+    """A run made by build_dataset (fake engine), browsed from the runs page down to one session."""
+    from dashboard.app import create_app
+    from flows.build import run_build
+    from tests.plugins.ops import ServerThread
+
+    home = tmp_path / "home"
+    summary = run_build(overrides=[*fake_overrides, "filter.enabled=false"], home=home, until="filter")
+    run_id = summary["run_id"]
+    with ServerThread(create_app(home)) as srv:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(srv.url + "/")
+        page.click(f"a.run-link:text('{run_id}')")
+        page.wait_for_url(f"**/runs/{run_id}")
+        assert page.locator("#shard-grid .cell.done").count() == 4 * summary["num_shards"]
+        assert page.locator("#shard-grid .cell.failed").count() == 0
+        page.click("#samples-link")
+        page.wait_for_url("**/samples")
+        assert page.locator("#characters tbody tr").count() == 8
+        page.locator("a.character-link").first.click()
+        page.wait_for_url("**/characters/**")
+        page.locator("a.session-link").first.click()
+        page.wait_for_url("**/sessions/**")
+        assert page.locator("#turns > li").count() >= 1
+        assert page.locator(".turn.assistant p").first.inner_text().strip()
+        page.screenshot(path=str(tmp_path / "real_session.png"), full_page=True)
+    assert (tmp_path / "real_session.png").stat().st_size > 5000
