@@ -203,6 +203,17 @@ def test_minhash_matches_datasketch():
     assert (sig[2] == np.iinfo(np.uint32).max).all()
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_vectorised_signatures_equal_per_document_minhash(n):
+    from models.config.filter import DedupConfig
+    from tasks.filters.dedup import signatures
+
+    texts = list(GOOD.values()) + list(REFUSALS.values()) + ["", "one", "two words", "我", "我们", "?!"]
+    cfg = DedupConfig(shingle=n)
+    assert np.array_equal(signatures(texts, cfg, batch=5, chunk=64),
+                          minhash_batch([shingles(t, n) for t in texts], cfg.num_perm, cfg.seed))
+
+
 def _write_shard(home, shard, turns):
     path = home / "responses" / f"part-{shard:05d}.parquet"
     write_table(to_table(turns, Turn), path)
