@@ -68,10 +68,9 @@ def parse_identity(text: str, candidates: list[Candidate]) -> int | None:
         hits = [i for i, n in enumerate(names) if n and (n in got or got in n)] if got else []
         if len(hits) == 1:
             return hits[0]
-    # no closing sentence: accept a reply that mentions exactly one candidate
-    low = _norm(text or "")
-    hits = [i for i, n in enumerate(names) if n and re.search(rf"(?<!\w){re.escape(n)}(?!\w)", low)]
-    return hits[0] if len(hits) == 1 else None
+    # No closing sentence: no pick. (Accepting "the one candidate mentioned" would reward judges that
+    # echo the prompt, whose question often names the character.)
+    return None
 
 
 def parse_score(text: str) -> float | None:

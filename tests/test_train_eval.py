@@ -127,7 +127,7 @@ CANDS = [Candidate(label="Alice", description="a girl"), Candidate(label="Sherlo
     ("the most suitable role is [sherlock holmes]", 1),
     ("The most suitable role is Ada Lovelace.", 2),
     ("The most suitable role is [3]", 2),
-    ("It is clearly Alice speaking.", 0),
+    ("It is clearly Alice speaking.", None),  # no closing sentence: an echoing judge must not score
     ("Either Alice or Napoleon.", None),
     ("I cannot tell.", None),
     ("", None),
