@@ -25,9 +25,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from engines.base import is_transient
+from flows.artifacts import create_progress, update_progress
+from flows.runners import task_runner_for
 from flows.stages import ChainError, check_chain, get_stage, stages_until
 from models.base import table_rows, to_table
 from models.config import ConfigError, RunConfig, load_config
@@ -196,10 +197,13 @@ class _Runner:
         self.tags = [f"dataset:{cfg.dataset}"]
         self.num_shards: int | None = None
 
-    def _task_opts(self, name: str, stage: str) -> dict[str, Any]:
+    def submit(self, task_obj: Any, name: str, stage: str, **params: Any) -> Any:
+        """Submit to the configured task runner (thread pool or Dask), with retries for transient errors."""
         r = self.cfg.runner
-        return {"name": name, "task_run_name": name, "tags": [*self.tags, f"stage:{stage}"], "retries": r.retries,
-                "retry_delay_seconds": r.retry_delay_seconds, "retry_condition_fn": retry_if_transient}
+        t = task_obj.with_options(name=name, task_run_name=name, tags=[*self.tags, f"stage:{stage}"],
+                                  retries=r.retries, retry_delay_seconds=r.retry_delay_seconds,
+                                  retry_condition_fn=retry_if_transient)
+        return self.task_runner.submit(t, params)
 
     def source(self, name: str) -> None:
         stage = get_stage(name)
@@ -207,7 +211,7 @@ class _Runner:
                "num_shards": self.num_shards, "fingerprint": stage.fingerprint(self.cfg)}
         _emit("stage_start", stage=name, total=None)
         try:
-            res = source_task.with_options(**self._task_opts(f"{name}-collect", name)).submit(job).result()
+            res = self.submit(source_task, f"{name}-collect", name, job=job).result()
         except Exception as exc:
             self.cat.mark_failed(self.run_id, name, 0, "", _error_text(exc))
             self.cat.update_stage_stats(self.run_id, name)
@@ -236,8 +240,8 @@ class _Runner:
         extra: dict[int, dict[str, Any]] = {}
         if type(stage).prepare is not Stage.prepare:
             paths = {u: {k: r["path"] for k, r in rows.items()} for u, rows in up.items()}
-            extra = prepare_task.with_options(**self._task_opts(f"{name}-prepare", name)).submit(
-                name, self.config_json, str(self.home), self.run_id, paths).result()
+            extra = self.submit(prepare_task, f"{name}-prepare", name, stage_name=name, config_json=self.config_json,
+                                home=str(self.home), run_id=self.run_id, upstream=paths).result()
             extra = {int(k): v for k, v in extra.items()}
         existing = {r["shard"]: r for r in self.cat.shards(self.run_id, name)}
         jobs = []
@@ -265,10 +269,12 @@ class _Runner:
                          "upstream": {u: up[u][k]["path"] for u in stage.inputs}, "extra": x})
         for job in jobs:
             self.cat.mark_running(self.run_id, name, job["shard"], job["input_hash"])
-        futures = {shard_task.with_options(**self._task_opts(f"{name}-{j['shard']}", name)).submit(j): j
-                   for j in jobs}
-        for fut in as_completed(list(futures)):
+        futures = {self.submit(shard_task, f"{name}-{j['shard']}", name, job=j): j for j in jobs}
+        progress = create_progress(self.run_id, name, len(jobs)) if jobs else None
+        for i, fut in enumerate(as_completed(list(futures)), 1):
             job = futures[fut]
+            if progress is not None:
+                update_progress(progress, i, len(jobs))
             try:
                 m = fut.result()
             except Exception as exc:  # noqa: BLE001 - recorded; other shards go on
@@ -284,10 +290,8 @@ class _Runner:
         _emit("stage_end", stage=name, stats=stats)
 
     def _artifacts(self, name: str, stats: dict[str, Any]) -> None:
-        try:
-            from flows.artifacts import publish_stage_artifacts
-        except ImportError:
-            return
+        from flows.artifacts import publish_stage_artifacts
+
         shards = self.cat.shards(self.run_id, name)
         samples, rejects = [], []
         for r in shards:
@@ -323,8 +327,7 @@ def _flow_run_name() -> str:
     return params.get("run_id") or new_run_id()
 
 
-@flow(name="build_dataset", flow_run_name=_flow_run_name, task_runner=ThreadPoolTaskRunner(max_workers=4),
-      persist_result=False, log_prints=True)
+@flow(name="build_dataset", flow_run_name=_flow_run_name, persist_result=False, log_prints=True)
 def build_dataset(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None,
                   home: str | None = None, until: str | None = None, fresh: bool = False,
                   config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -365,11 +368,12 @@ def build(cfg: RunConfig, run_id: str, home: Path, names: list[str], fresh: bool
         runner = _Runner(cat, cfg, run_id, home, fresh)
         runner.num_shards = prev["num_shards"] if prev else None
         try:
-            for name in names:
-                if isinstance(get_stage(name), SourceStage):
-                    runner.source(name)
-                else:
-                    runner.stage(name)
+            with task_runner_for(cfg) as runner.task_runner:
+                for name in names:
+                    if isinstance(get_stage(name), SourceStage):
+                        runner.source(name)
+                    else:
+                        runner.stage(name)
             left = runner.outstanding(names)
         except BaseException as exc:
             cat.finish_run(run_id, "failed", _error_text(exc))
@@ -389,14 +393,12 @@ def build(cfg: RunConfig, run_id: str, home: Path, names: list[str], fresh: bool
 def run_build(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None,
               home: str | Path | None = None, until: str | None = None, fresh: bool = False,
               config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Entry point for the CLI and tests: validate everything first, then run the flow with the
-    configured task-runner size, named after the run id."""
+    """Entry point for the CLI and tests: validate everything first, then run the flow named after the
+    run id. (Shard tasks go to the task runner that `runner:` configures, see flows/runners.py.)"""
     cfg = load_config(config_path, overrides, data=config)
     check_chain(stages_until(until))
     run_id = run_id or new_run_id()
-    flow_fn = build_dataset.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers),
-                                         flow_run_name=run_id)
-    return flow_fn(config=cfg.model_dump(mode="json"), run_id=run_id, home=str(resolve_home(home)), until=until,
+    return build_dataset.with_options(flow_run_name=run_id)(config=cfg.model_dump(mode="json"), run_id=run_id, home=str(resolve_home(home)), until=until,
                    fresh=fresh)
 
 
