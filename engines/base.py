@@ -223,11 +223,31 @@ def get_engine(config: EngineConfig) -> Any:
     key = content_hash(config.model_dump(mode="json"))
     with _lock:
         if key not in _loaded:
+            faults = None
+            if "faults" in config.options:  # engines/faults.py: injected faults for reliability tests
+                from engines.faults import split_options
+
+                options, faults = split_options(config.options)
+                config = config.model_copy(update={"options": options})
             engine = engine_class(config.kind)(config)
             engine.load()
             engine.loads += 1
-            _loaded[key] = Coalescer(engine, config.max_batch) if engine.in_process else engine
+            loaded = Coalescer(engine, config.max_batch) if engine.in_process else engine
+            if faults is not None:
+                from engines.faults import FaultInjector
+
+                loaded = FaultInjector(loaded, faults)
+            _loaded[key] = loaded
         return _loaded[key]
+
+
+def release_engine(config: EngineConfig) -> None:
+    """Close and forget the engine loaded for this config (frees its memory before loading another)."""
+    key = content_hash(config.model_dump(mode="json"))
+    with _lock:
+        engine = _loaded.pop(key, None)
+    if engine is not None:
+        engine.close()
 
 
 def close_engines() -> None:

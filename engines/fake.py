@@ -1,13 +1,65 @@
 """A deterministic zero-cost engine for logic tests and orchestration benchmarks. Not a product engine:
-it writes plausible-shaped text derived from a hash of the prompt, with no model behind it."""
+it writes plausible-shaped text derived from a hash of the prompt, with no model behind it. With a JSON
+schema it returns a minimal instance of that schema (questions for the query stage, scores for judges).
+
+Options (engine.options): fail_on (a substring: prompts containing it raise a permanent EngineError),
+fail_while_exists (fail_on applies only while this file exists), transient_failures (the first N calls
+raise TransientEngineError)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from typing import Any
 
 from engines.base import Engine, EngineError, Generation, Message, Sampling, TransientEngineError
 from models.ids import content_hash
+
+WORDS = ("river mountain letter winter garden voyage theory music battle harbour lantern empire treaty "
+         "journal comet forest castle engine poem market desert island council vessel orchard bridge "
+         "telescope manuscript festival storm archive meadow citadel workshop frontier chronicle").split()
+ZH = "山河书信冬园航行理论音乐战役港口灯笼帝国条约日记彗星森林城堡引擎诗歌市场沙漠岛屿议会船只果园桥梁"
+
+
+def _stream(seed: str):
+    i = 0
+    while True:
+        yield from hashlib.sha256(f"{seed}:{i}".encode()).digest()
+        i += 1
+
+
+def _is_zh(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text[:400])
+
+
+def _words(rnd, n: int, zh: bool) -> str:
+    if zh:
+        return "".join(ZH[next(rnd) % len(ZH)] for _ in range(n))
+    return " ".join(WORDS[next(rnd) % len(WORDS)] for _ in range(n))
+
+
+def instance(schema: dict[str, Any], rnd, zh: bool) -> Any:
+    """A small value valid for the schema (the subset the project's prompts use)."""
+    t = schema.get("type")
+    if "enum" in schema:
+        return schema["enum"][next(rnd) % len(schema["enum"])]
+    if t == "object":
+        props = schema.get("properties", {})
+        return {k: instance(v, rnd, zh) for k, v in props.items() if k in schema.get("required", list(props))}
+    if t == "array":
+        lo, hi = schema.get("minItems", 1), schema.get("maxItems", max(3, schema.get("minItems", 1)))
+        return [instance(schema.get("items", {"type": "string"}), rnd, zh) for _ in range(min(hi, max(lo, 3)))]
+    if t == "integer":
+        lo, hi = schema.get("minimum", 1), schema.get("maximum", 10)
+        return lo + next(rnd) % (hi - lo + 1)
+    if t == "number":
+        return float(schema.get("minimum", 0.5))
+    if t == "boolean":
+        return bool(next(rnd) % 2)
+    text = ("关于" + _words(rnd, 4, True) + "，你还记得什么？") if zh else \
+        f"What do you remember about the {_words(rnd, 3, False)}?"
+    return text[: schema.get("maxLength", 300)]
 
 
 class FakeEngine(Engine):
@@ -22,17 +74,14 @@ class FakeEngine(Engine):
         return "fake@" + content_hash(self.config.options, 8)
 
     def _one(self, chat: list[Message], sp: Sampling) -> str:
-        h = content_hash([chat, self.config.seed], 8)
-        user = chat[-1]["content"]
+        rnd = _stream(content_hash([chat, self.config.seed], 16))
+        zh = _is_zh(chat[-1]["content"]) or _is_zh(chat[0]["content"])
         if sp.json_schema is not None:
-            n = int(self.config.options.get("questions", 3))
-            zh = any("\u4e00" <= ch <= "\u9fff" for ch in user[:400])
-            q = ("你还记得{i}号那天发生了什么吗？" if zh else "What do you remember about day {i} of your life ({h})?")
-            return json.dumps([{"question": q.format(i=i, h=h), "reason": f"reason {i}"} for i in range(n)],
-                              ensure_ascii=False)
-        if any("\u4e00" <= ch <= "\u9fff" for ch in user[:400]):
-            return f"我记得很清楚，那是一段难忘的日子。{h}"
-        return f"I remember it well; those were remarkable days for me, and I think of them often. ({h})"
+            return json.dumps(instance(sp.json_schema, rnd, zh), ensure_ascii=False)
+        if zh:
+            return f"我记得{_words(rnd, 6, True)}。那段日子里，{_words(rnd, 8, True)}，至今难忘。"
+        return (f"I remember the {_words(rnd, 2, False)} well. In those days the {_words(rnd, 3, False)} "
+                f"shaped my life, and the {_words(rnd, 3, False)} still stays with me.")
 
     def _generate(self, chats: list[list[Message]], sampling: list[Sampling]) -> list[Generation]:
         self.calls += 1

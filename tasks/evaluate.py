@@ -356,13 +356,9 @@ def aggregate(results: list[EvalResult], items: list[EvalItem] | None = None) ->
 
 def _release(config: EngineConfig) -> None:
     """Free an engine loaded only for answering (a fine-tuned checkpoint), so the next model fits."""
-    from engines import base
+    from engines.base import release_engine
 
-    key = content_hash(config.model_dump(mode="json"))
-    with base._lock:
-        engine = base._loaded.pop(key, None)
-    if engine is not None:
-        engine.close()
+    release_engine(config)
 
 
 def evaluate_model(items: list[EvalItem], model: str, answer_engine: EngineConfig, cfg: EvalConfig,
