@@ -293,6 +293,85 @@ def repair(home: HomeOpt = None) -> None:
     out.print(f"catalog rebuilt from the snapshot: {n} runs")
 
 
+@app.command()
+def train(run_id: str, home: HomeOpt = None,
+          set_: Annotated[list[str] | None, typer.Option("--set", help="override: train.key=value")] = None,
+          force: Annotated[bool, typer.Option(help="train again even if this model exists")] = False,
+          as_json: JsonOpt = False, verbose: bool = False) -> None:
+    """Fine-tune on RUN_ID's sft_data (TRL SFT, full or LoRA); registers the model in the catalog."""
+    from flows.build import resolve_home
+    from flows.train import train_flow
+    from models.config import ConfigError
+    from storage.catalog import CatalogBusy
+
+    try:
+        res = train_flow(run_id=run_id, home=str(resolve_home(home)), overrides=set_ or [], force=force)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except CatalogBusy as exc:
+        _fail(str(exc), 3)
+    if as_json:
+        _print_json(res)
+    else:
+        out.print_json(data=_jsonable(res))
+
+
+@app.command("eval")
+def eval_cmd(run_id: str, model: Annotated[list[str] | None, typer.Option(
+                 "--model", help="base | a model id from the catalog | a path or HF id; repeat to compare")] = None,
+             home: HomeOpt = None,
+             set_: Annotated[list[str] | None, typer.Option("--set", help="override: eval.key=value")] = None,
+             as_json: JsonOpt = False, verbose: bool = False) -> None:
+    """Evaluate models side by side on RUN_ID's held-out characters (or a WikiRoleEval file)."""
+    from flows.build import resolve_home
+    from flows.evaluate import evaluate_flow
+    from models.config import ConfigError
+    from storage.catalog import CatalogBusy
+
+    try:
+        res = evaluate_flow(run_id=run_id, home=str(resolve_home(home)), models=model or None,
+                            overrides=set_ or [])
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except CatalogBusy as exc:
+        _fail(str(exc), 3)
+    finally:
+        from engines.base import close_engines
+
+        close_engines()
+    if as_json:
+        _print_json(res)
+        return
+    if res.get("report") and Path(res["report"]).exists():
+        out.print(Path(res["report"]).read_text(encoding="utf-8"), highlight=False)
+    out.print(f"report: {res.get('report')}  plot: {res.get('plot')}")
+
+
+@app.command()
+def dashboard(home: HomeOpt = None, port: Annotated[int, typer.Option(help="port")] = 8765,
+              host: Annotated[str, typer.Option(help="bind address (default loopback only)")] = "127.0.0.1",
+              ) -> None:
+    """Read-only web dashboard over the catalog snapshot and the Parquet shards."""
+    from dashboard.app import serve
+    from flows.build import resolve_home
+
+    console.print(f"dashboard on http://{host}:{port}  (home {resolve_home(home)})")
+    serve(str(resolve_home(home)), host=host, port=port)
+
+
+@app.command()
+def deploy(prefect_yaml: Annotated[Path, typer.Argument(help="deployments file")] = Path("deploy/prefect.yaml"),
+           ) -> None:
+    """Apply the Prefect deployments (nightly build_dataset, train, evaluate) and their work pools."""
+    from flows.deploy import DeployError, deploy_all
+
+    try:
+        res = deploy_all(str(prefect_yaml))
+    except DeployError as exc:
+        _fail(str(exc), 2)
+    out.print_json(data=_jsonable(res))
+
+
 @app.command("config")
 def config_cmd(reference: Annotated[bool, typer.Option("--reference", help="Markdown table of every key")] = False,
                ) -> None:
