@@ -85,14 +85,17 @@ class Catalog:
                     raise CatalogBusy(
                         f"another ditto process is using {self.path} (a run in progress): wait for it to finish, "
                         f"or use another --home. ({msg.splitlines()[0]})") from None
+                if "not a valid duckdb database" in msg.lower():
+                    raise CatalogError(self._corrupted(msg)) from None
                 raise CatalogError(f"cannot open catalog {self.path}: {msg.splitlines()[0]}") from None
             except (duckdb.SerializationException, duckdb.InvalidInputException, duckdb.Error) as exc:
-                raise CatalogError(
-                    f"catalog {self.path} is corrupted or not a DuckDB file ({str(exc).splitlines()[0]}); "
-                    f"move it aside and run `ditto repair --home {self.home}` to rebuild it from the snapshot"
-                ) from None
+                raise CatalogError(self._corrupted(str(exc))) from None
         self.con.execute(SCHEMA)
         self._last_snapshot = 0.0
+
+    def _corrupted(self, msg: str) -> str:
+        return (f"catalog {self.path} is corrupted or not a DuckDB file ({msg.splitlines()[0]}); "
+                f"run `ditto repair --home {self.home}` to move it aside and rebuild it from the snapshot")
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
