@@ -1,0 +1,163 @@
+"""Fault injection at the engine boundary, for reliability tests and chaos runs.
+
+Enabled from config; `get_engine` wraps the loaded engine when `engine.options.faults` is set:
+
+    engine:
+      options:
+        faults: {rate: 0.1, kinds: [timeout, connection, malformed], seed: 0}
+
+- timeout / connection: the whole generate() call raises a TransientEngineError (a TimeoutError /
+  ConnectionError as its cause), as a remote engine would: Prefect retries the shard.
+- malformed: single generations have their text replaced by invalid JSON, JSON of the wrong shape,
+  an empty string or a cut-off text (finish_reason "length"): the queries stage re-samples, the
+  filter rejects garbage answers.
+- permanent_on: a substring; a call whose prompts contain it raises EngineError (no retry).
+- latency: seconds slept per call (a slow engine); hold_while_exists: calls wait while a file exists
+  (keeps a run holding the catalog until a test lets it go).
+
+Decisions are seeded and depend only on the prompt text and how often that prompt was seen before,
+never on thread timing, so a run replays the same faults. A retried call or a re-sampled prompt gets
+a fresh draw. `counts` holds what was injected; `report` (a path) receives it as JSON on close.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engines.base import EngineError, Generation, Message, Sampling, TransientEngineError
+from models.ids import content_hash
+
+CALL_KINDS = ("timeout", "connection")
+GENERATION_KINDS = ("malformed",)
+MALFORMED = ("not_json", "wrong_shape", "empty", "cut_off")
+
+
+class FaultConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rate: float = Field(0.1, ge=0, le=1, description="probability of a fault per call (timeout/connection) and "
+                                                    "per generation (malformed)")
+    kinds: list[str] = Field(default_factory=lambda: ["timeout", "connection", "malformed"],
+                             description="timeout | connection | malformed")
+    seed: int = Field(0, description="seed of the fault decisions")
+    permanent_on: str | None = Field(None, description="a call whose prompts contain this text raises EngineError")
+    report: str | None = Field(None, description="write the fault counts as JSON here on close")
+    latency: float = Field(0.0, ge=0, description="seconds added to every call (a slow engine)")
+    hold_while_exists: str | None = Field(None, description="calls wait while this file exists (at most 10 min): "
+                                                            "holds a run in place for concurrency tests")
+
+    def model_post_init(self, _: Any) -> None:
+        bad = sorted(set(self.kinds) - set(CALL_KINDS) - set(GENERATION_KINDS))
+        if bad:
+            raise ValueError(f"unknown fault kind(s) {bad}; known: {[*CALL_KINDS, *GENERATION_KINDS]}")
+
+
+class InjectedTimeout(TimeoutError):
+    pass
+
+
+class InjectedConnectionError(ConnectionError):
+    pass
+
+
+def _draw(*parts: Any) -> float:
+    """A uniform number in [0, 1) from a hash of parts."""
+    return int(content_hash(list(parts), 16), 16) / float(1 << 64)
+
+
+class FaultInjector:
+    """Wraps an engine (or its Coalescer); everything but generate() and close() passes through."""
+
+    def __init__(self, engine: Any, config: FaultConfig | dict[str, Any]):
+        self.engine = engine
+        self.faults = config if isinstance(config, FaultConfig) else FaultConfig.model_validate(config)
+        self.counts: Counter = Counter()
+        self._seen: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def _occurrence(self, key: str) -> int:
+        with self._lock:
+            self._seen[key] += 1
+            return self._seen[key]
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[kind] += n
+
+    def generate(self, chats: list[list[Message]], sampling: Sampling | list[Sampling]) -> list[Generation]:
+        f = self.faults
+        self._count("calls")
+        if f.permanent_on and any(f.permanent_on in m["content"] for chat in chats for m in chat):
+            self._count("permanent")
+            raise EngineError(f"injected permanent fault on a prompt containing {f.permanent_on!r}")
+        params = sampling if isinstance(sampling, list) else [sampling] * len(chats)
+        call_key = content_hash([chats, [sp.key() for sp in params]])
+        nth = self._occurrence("call:" + call_key)
+        call_kinds = [k for k in f.kinds if k in CALL_KINDS]
+        if call_kinds and _draw(f.seed, "call", call_key, nth) < f.rate:
+            kind = call_kinds[int(_draw(f.seed, "kind", call_key, nth) * len(call_kinds))]
+            self._count(kind)
+            if kind == "timeout":
+                raise TransientEngineError("injected fault: request timed out") from InjectedTimeout("timed out")
+            raise TransientEngineError("injected fault: connection reset") from InjectedConnectionError("reset")
+        if f.latency:
+            time.sleep(f.latency)
+        deadline = time.monotonic() + 600
+        while f.hold_while_exists and os.path.exists(f.hold_while_exists) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out = self.engine.generate(chats, sampling)
+        if "malformed" not in f.kinds:
+            return out
+        flat = [chat for chat, sp in zip(chats, params, strict=True) for _ in range(sp.n)]
+        for i, (chat, g) in enumerate(zip(flat, out, strict=True)):
+            key = content_hash(chat)
+            nth = self._occurrence("gen:" + key)
+            if _draw(f.seed, "gen", key, nth) < f.rate:
+                variant = MALFORMED[int(_draw(f.seed, "variant", key, nth) * len(MALFORMED))]
+                out[i] = malform(g, variant)
+                self._count("malformed")
+                self._count("malformed." + variant)
+        return out
+
+    def close(self) -> None:
+        try:
+            self.engine.close()
+        finally:
+            if self.faults.report:
+                path = Path(self.faults.report)
+                tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+                tmp.write_text(json.dumps(dict(self.counts), sort_keys=True))
+                os.replace(tmp, path)
+
+
+def malform(g: Generation, variant: str) -> Generation:
+    text = {"not_json": "Sure! Here are some questions: (1) what (2) why",
+            "wrong_shape": json.dumps({"answer": 42, "items": "none"}),
+            "empty": "",
+            "cut_off": g.text[: max(1, len(g.text) // 3)]}[variant]
+    return Generation(text=text, prompt_tokens=g.prompt_tokens, completion_tokens=max(1, len(text) // 4),
+                      finish_reason="length" if variant == "cut_off" else g.finish_reason, model=g.model)
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], FaultConfig | None]:
+    """(the engine's own options, the fault config or None). Raises EngineError on a bad fault config."""
+    if not options or "faults" not in options:
+        return options, None
+    rest = {k: v for k, v in options.items() if k != "faults"}
+    try:
+        return rest, FaultConfig.model_validate(options["faults"] or {})
+    except ValidationError as exc:
+        msgs = [f"engine.options.faults.{'.'.join(map(str, e['loc']))}: {e['msg']}".replace("faults.: ", "faults: ")
+                for e in exc.errors()]
+        raise EngineError("; ".join(msgs)) from None
