@@ -47,6 +47,7 @@ def package_version() -> str:
 
 
 VERSION = package_version()
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 ProgressHook = Callable[[str, dict[str, Any]], None]
 PROGRESS_HOOKS: list[ProgressHook] = []  # the CLI adds its progress bars here
 
@@ -395,6 +396,8 @@ def run_build(config_path: str | None = None, overrides: list[str] | None = None
               config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Entry point for the CLI and tests: validate everything first, then run the flow named after the
     run id. (Shard tasks go to the task runner that `runner:` configures, see flows/runners.py.)"""
+    if config_path is None and config is None:
+        config_path = str(DEMO_CONFIG)  # no CONFIG: the embedded demo
     cfg = load_config(config_path, overrides, data=config)
     check_chain(stages_until(until))
     run_id = run_id or new_run_id()
