@@ -11,7 +11,9 @@ shard; other 4xx answers are permanent (EngineError).
 
 Guided JSON: `options.guided` = "response_format" (default; OpenAI `response_format` json_schema,
 which vLLM also honours) or "structured_outputs" (vLLM's own `structured_outputs: {"json": schema}`
-field). vLLM-only sampling fields (repetition_penalty) are sent only when they differ from the default.
+field, sent with disable_any_whitespace so small models cannot pad the JSON with whitespace until
+max_tokens; for response_format start vLLM servers with
+`--structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}'`). vLLM-only sampling fields (repetition_penalty) are sent only when they differ from the default.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ class OpenAIEngine(Engine):
             body["repetition_penalty"] = sp.repetition_penalty
         if sp.json_schema is not None:
             if self.guided == "structured_outputs":
-                body["structured_outputs"] = {"json": sp.json_schema}
+                body["structured_outputs"] = {"json": sp.json_schema, "disable_any_whitespace": True}
             else:
                 body["response_format"] = {"type": "json_schema",
                                            "json_schema": {"name": "output", "schema": sp.json_schema}}

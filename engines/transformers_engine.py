@@ -4,6 +4,9 @@ Chats go through the tokenizer's chat template, are left-padded and generated in
 `config.batch_size`. Requests with different sampling settings are batched separately (one
 `generate()` call takes one generation config); temperature 0 means greedy decoding.
 
+Stop strings are applied after decoding (HF `stop_strings` re-scans the whole vocabulary on every
+call, slower than the tokens it saves for short answers); completion_tokens then counts the kept text.
+
 Seeding: the engine seeds torch with `config.seed` at load; a batch whose requests all carry the same
 `Sampling.seed` is re-seeded with it, so the same prompts, seed and batch give the same text.
 
@@ -62,8 +65,6 @@ class TransformersEngine(Engine):
             kw.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if sp.stop:
-            kw.update(stop_strings=list(sp.stop), tokenizer=self.tokenizer)
         return kw
 
     def _batch(self, chats: list[list[Message]], sp: Sampling, seeds: set[int | None]) -> list[Generation]:
@@ -84,9 +85,10 @@ class TransformersEngine(Engine):
             tokens = new if n is None else new[:n]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             reason = "stop" if n is not None else ("length" if len(tokens) >= sp.max_tokens else "stop")
-            for s in sp.stop or ():
-                if s in text:
-                    text, reason = text[:text.index(s)], "stop"
+            cut = min((text.index(s) for s in sp.stop or () if s in text), default=None)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+                tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             gens.append(Generation(text=text, prompt_tokens=int(mask.sum()), completion_tokens=len(tokens),
                                    finish_reason=reason, model=self.model_id))
         return gens

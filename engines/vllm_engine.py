@@ -46,6 +46,9 @@ def llm_kwargs(config, model_path: str) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` (also used by the pool workers)."""
     kwargs: dict[str, Any] = dict(model=model_path, seed=config.seed, max_model_len=config.max_model_len,
                                   dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size)
+    # xgrammar without free whitespace: the other backends ignore the per-request whitespace flag,
+    # and small models then pad the JSON with whitespace until max_tokens.
+    kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     if on_cpu():
         kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     else:
@@ -67,7 +70,8 @@ def sampling_params(sp: Sampling, per_request_seed: bool) -> Any:
     if sp.seed is not None and per_request_seed:
         kwargs["seed"] = sp.seed
     if sp.json_schema is not None:
-        kwargs["structured_outputs"] = StructuredOutputsParams(json=sp.json_schema)
+        # Without this, small models fill the free whitespace the grammar allows until max_tokens.
+        kwargs["structured_outputs"] = StructuredOutputsParams(json=sp.json_schema, disable_any_whitespace=True)
     return SamplingParams(**kwargs)
 
 

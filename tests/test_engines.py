@@ -332,7 +332,7 @@ def test_openai_guided_json_fields(openai_stub, guided, field):
         if field == "response_format":
             assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
         else:
-            assert body["structured_outputs"] == {"json": schema}
+            assert body["structured_outputs"] == {"json": schema, "disable_any_whitespace": True}
         assert "repetition_penalty" not in body
         assert body["model"] == "stub-model"  # discovered from /v1/models: the bundled id is not served
     finally:

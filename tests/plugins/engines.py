@@ -31,10 +31,11 @@ from models.config.engine import EngineConfig
 
 # Every real-engine test uses this config, so the session shares one engine (and vLLM's compile cache).
 VLLM_CONFIG = EngineConfig(kind="vllm", seed=0, max_model_len=2048)
+# One request: vLLM's engine core may start stepping before all requests of a call have arrived,
+# so only a single-request call has a batch composition (and so RNG use) fixed across engines.
 REPRO_CHATS = [
     [{"role": "system", "content": "You are Sherlock Holmes, the detective of Baker Street."},
-     {"role": "user", "content": f"Tell me about case number {i}."}]
-    for i in range(4)
+     {"role": "user", "content": "Tell me about your most curious case."}]
 ]
 REPRO_SAMPLING = Sampling(temperature=0.8, top_p=0.9, repetition_penalty=1.1, max_tokens=24)
 
@@ -167,7 +168,8 @@ def vllm_server(bundled_model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(bundled_model_path),
            "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
-           "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30), "--disable-log-stats"]
+           "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30), "--disable-log-stats",
+           "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
