@@ -197,6 +197,9 @@ class _Runner:
         self.config_json = cfg.model_dump_json()
         self.tags = [f"dataset:{cfg.dataset}"]
         self.num_shards: int | None = None
+        # (stage, shard) done shards whose file was gone and that this invocation recomputes: their rows
+        # may differ (sampling), so the shards built from them are recomputed too, never skipped or reused
+        self.rebuilt: set[tuple[str, int]] = set()
 
     def submit(self, task_obj: Any, name: str, stage: str, **params: Any) -> Any:
         """Submit to the configured task runner (thread pool or Dask), with retries for transient errors."""
@@ -253,11 +256,14 @@ class _Runner:
             x = extra.get(k, {})
             h = input_hash(name, fp, k, n, {u: up[u][k]["input_hash"] for u in stage.inputs}, x.get("digest"))
             cur = existing.get(k)
-            if (cur and cur["status"] == "done" and cur["input_hash"] == h and cur["path"]
-                    and Path(cur["path"]).exists()):
+            stale = any((u, k) in self.rebuilt for u in stage.inputs)
+            same = cur is not None and cur["status"] == "done" and cur["input_hash"] == h
+            if same and not stale and cur["path"] and Path(cur["path"]).exists():
                 _emit("shard_done", stage=name, shard=k, rows=cur["rows"], status="skipped")
                 continue
-            earlier = None if self.fresh else self.cat.find_done(name, h)
+            if same:
+                self.rebuilt.add((name, k))
+            earlier = None if self.fresh or stale else self.cat.find_done(name, h)
             if earlier:
                 self.cat.mark_done(self.run_id, name, k, h, rows=earlier["rows"], path=earlier["path"],
                                    bytes_=earlier["bytes"], rejects_path=earlier["rejects_path"],

@@ -230,8 +230,11 @@ def test_deleted_shard_file_is_rebuilt_by_rerun(tmp_path, overrides, stage):
     run_build(overrides=overrides, home=home, until="sft_data", run_id="d1")
     before = stage_content(home, "d1", ["characters", "queries", "responses", "filter", "sft_data"])
     victim = _shards(home, "d1", stage)[2]
-    untouched = {s: {k: r["finished_at"] for k, r in _shards(home, "d1", s).items()}
-                 for s in ("queries", "responses", "filter", "sft_data") if s != stage}
+    stages = ["characters", "queries", "responses", "filter", "sft_data"]
+    later = stages[stages.index(stage) + 1:]
+    untouched = {s: {k: r["finished_at"] for k, r in _shards(home, "d1", s).items() if k != 2}
+                 for s in stages[1:] if s != stage}
+    before_2 = {s: _shards(home, "d1", s)[2]["finished_at"] for s in later}
     import os
 
     os.unlink(victim["path"])
@@ -239,8 +242,10 @@ def test_deleted_shard_file_is_rebuilt_by_rerun(tmp_path, overrides, stage):
     after = _shards(home, "d1", stage)[2]
     assert after["status"] == "done" and after["path"] == victim["path"] and read_table(after["path"]).num_rows
     assert stage_content(home, "d1", list(before)) == before
-    for s, fin in untouched.items():  # downstream shards with the same input hash are not recomputed
-        assert {k: r["finished_at"] for k, r in _shards(home, "d1", s).items()} == fin
+    for s, fin in untouched.items():  # the other shards are not recomputed
+        assert {k: r["finished_at"] for k, r in _shards(home, "d1", s).items() if k != 2} == fin
+    if stage != "characters":  # a regenerated file may hold other rows: what was built from it is rebuilt
+        assert all(_shards(home, "d1", s)[2]["finished_at"] > before_2[s] for s in later)
 
 
 def test_deleted_file_of_a_reused_shard_is_recomputed_in_the_new_run(tmp_path, overrides):
@@ -295,3 +300,37 @@ def test_second_writer_exits_3_and_the_first_run_is_intact(tmp_path, overrides):
     runs = catalog_rows(home, "SELECT run_id, status FROM runs")
     assert runs == [{"run_id": "first", "status": "completed"}]
     stage_content(home, "first", ["characters", "queries", "responses"])  # every file reads
+
+
+def test_shards_built_from_a_rebuilt_file_are_rebuilt_too(tmp_path, overrides, monkeypatch):
+    """A deleted queries file is regenerated; with a sampling engine its rows differ, so the responses and
+    everything after them in that shard are recomputed from the new rows instead of kept or reused."""
+    from engines.fake import FakeEngine
+
+    calls = {"n": 0}
+    real = FakeEngine._one
+
+    def sampling(self, chat, sp):  # a new draw on every call, as a sampling LLM would give
+        calls["n"] += 1
+        text = real(self, chat, sp)
+        items = json.loads(text) if sp.json_schema is not None else None
+        if isinstance(items, list) and items and isinstance(items[0], dict) and "question" in items[0]:
+            for it in items:
+                it["question"] = f"{it['question'][:-1]} (draw {calls['n']})?"
+            return json.dumps(items)
+        return text
+
+    monkeypatch.setattr(FakeEngine, "_one", sampling)
+    home = tmp_path / "home"
+    run_build(overrides=overrides, home=home, until="filter", run_id="s1")
+    import os
+
+    os.unlink(_shards(home, "s1", "queries")[1]["path"])
+    assert rerun("s1", home)["status"] == "completed"
+    got = stage_content(home, "s1", ["queries", "responses", "filter"])
+    q_ids = set(got["queries"]["ids"])
+    turns = []
+    for r in _shards(home, "s1", "responses").values():
+        turns += read_table(r["path"]).to_pylist()
+    assert {t["query_id"] for t in turns} <= q_ids  # no turn answers a question that no longer exists
+    assert len(turns) == len(q_ids)
