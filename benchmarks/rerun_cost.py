@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shards", type=int, default=32)
     ap.add_argument("--failed", type=int, default=4, help="k: shards that fail")
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--no-dedup", action="store_true", help="switch off the filter's run-wide dedup: its global "
+                    "step makes every filter shard depend on every responses shard")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
         warm_up(tmp)
         chars, bad = characters(tmp / "chars.jsonl", a.characters, a.shards, a.failed)
         ov = overrides(chars, a.shards, a.pairings, a.workers)
+        if a.no_dedup:
+            ov += ["filter.dedup.exact=false", "filter.dedup.near=false"]
         t0 = time.perf_counter()
         run_build(overrides=ov, home=tmp / "full", run_id="full")
         full = time.perf_counter() - t0
