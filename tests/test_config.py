@@ -79,3 +79,14 @@ def test_prompt_text_change_changes_the_fingerprint(monkeypatch):
     real = prompts.load("queries", "en")
     monkeypatch.setattr(prompts, "load", lambda name, lang: prompts.Template(name, lang, real.system + " ", real.user))
     assert stage.fingerprint(cfg) != before
+
+
+def test_readme_documents_every_config_key():
+    from pathlib import Path
+
+    from flows.config_doc import reference_markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    missing = [line.split("`")[1] for line in reference_markdown().splitlines()[2:]
+               if line.split("`")[1] not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}: regenerate with `ditto config --reference`"
