@@ -123,8 +123,6 @@ def test_unreadable_character_file_fails_the_run_naming_key_path_and_line(home, 
     intact()
 
 
-@pytest.mark.xfail(strict=True, reason="an empty character file completes a run with 0 rows and no message "
-                                       "(tasks/sources/userfile.py): it should be an error naming the file")
 def test_empty_character_file_is_an_error(home, tmp_path, intact):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
@@ -186,20 +184,43 @@ def test_a_10mb_profile_is_cut_in_the_prompt_and_flagged(home, tmp_path, intact)
     intact()
 
 
-@pytest.mark.xfail(strict=True, reason="user JSONL/CSV rows keep a 10 MB summary and an empty label as given "
-                                       "(max_summary_chars applies to Wikidata/Wikipedia only)")
 def test_user_rows_get_the_same_limits_as_wikidata(tmp_path):
     from models.config.characters import CharactersConfig
     from tasks.characters import collect_characters
 
     path = tmp_path / "u.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [
-        {"id": "big", "label": "Big", "category": "real", "language": "en", "summary": "word " * 2_000_000},
-        {"id": "nolabel", "label": "", "category": "real", "language": "en", "summary": PROFILE}]) + "\n")
+        {"id": "big", "label": "Big", "category": "real", "language": "en", "summary": "word " * 2_000_000,
+         "article": "text " * 2_000_000},
+        {"id": "nolabel", "label": "", "category": "real", "language": "en", "summary": PROFILE},
+        {"id": "blank", "label": " \t ", "category": "real", "language": "en", "summary": PROFILE}]) + "\n")
     cfg = CharactersConfig(source="jsonl", path=str(path))
     rows, rejects = collect_characters(cfg)
-    assert all(len(r.summary) <= cfg.max_summary_chars for r in rows)
-    assert "nolabel@en" in {r.row_id for r in rejects}
+    assert [r.row_id for r in rows] == ["big@en"]
+    assert all(len(r.summary) <= cfg.max_summary_chars and len(r.article) <= cfg.max_article_chars for r in rows)
+    by = {r.row_id: r for r in rejects}
+    assert by["nolabel@en"].filter == "schema"
+    assert f"{path}: line 2: field 'label'" in by["nolabel@en"].reason
+    assert f"{path}: line 3: field 'label'" in by["blank@en"].reason
+
+
+def test_user_csv_rows_are_cut_and_an_empty_label_is_a_rejection(tmp_path):
+    import csv
+
+    from models.config.characters import CharactersConfig
+    from tasks.characters import collect_characters
+
+    path = tmp_path / "u.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "label", "category", "language", "summary"])
+        w.writerow(["big", "Big", "real", "en", "Sentence. " * 1000])
+        w.writerow(["nolabel", "  ", "real", "en", PROFILE])
+    cfg = CharactersConfig(source="csv", path=str(path), max_summary_chars=500)
+    rows, rejects = collect_characters(cfg)
+    assert [r.row_id for r in rows] == ["big@en"] and len(rows[0].summary) <= 500
+    assert any(r.row_id == "nolabel@en" and f"{path}: line 3" in r.reason and "'label'" in r.reason
+               for r in rejects), rejects
 
 
 @pytest.mark.xfail(strict=True, reason="a Wikidata entity without labels is skipped silently, not recorded as "
@@ -215,12 +236,11 @@ def test_wikidata_entity_without_labels_is_a_recorded_rejection(tmp_path):
 
 
 # -- engine and model output ----------------------------------------------------------------------
-def test_unknown_engine_kind_fails_the_shards_naming_the_known_kinds(existing, home, intact):
+def test_unknown_engine_kind_is_refused_before_anything_runs(existing, home, intact):
     _, chars, _ = existing
     res = _run(home, [*fast_overrides(chars), "engine.kind=nosuch"], "kind", "--until", "queries")
-    assert res.exit_code == 1
-    q = next(s for s in _show(home, "kind")["stages"] if s["stage"] == "queries")
-    assert q["errors"] and all("unknown engine kind 'nosuch'; known: fake, openai" in e["error"] for e in q["errors"])
+    assert res.exit_code == 2
+    assert "engine.kind: unknown engine 'nosuch'; known: fake, openai" in flat(res.output)
     intact()
 
 

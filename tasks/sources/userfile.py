@@ -9,8 +9,9 @@ CSV cells are text: empty cells count as missing, `aliases` is a JSON list or "|
 Bad inputs: missing file -> MissingInputError naming `characters.path`; a file that is not UTF-8 ->
 InputFormatError naming the line and byte offset (the whole file is decoded first: a user file in
 another encoding needs re-saving, not per-line guesses); a malformed JSON line, a row with a missing
-required field or a wrong type -> rejection `malformed` / `schema` naming the file, line and field,
-and the rest is read.
+required field, a wrong type or an empty label -> rejection `malformed` / `schema` naming the file,
+line and field, and the rest is read. Summary and article are cut to `max_summary_chars` /
+`max_article_chars` like the other sources' text.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 
 from models.config.characters import CharactersConfig
 from models.records import Character, Rejection
-from tasks.sources import InputFormatError, reject, require_file, select
+from tasks.sources import InputFormatError, clip, reject, require_file, select
 
 
 def read_text(path: Path) -> str:
@@ -110,7 +111,12 @@ def collect(cfg: CharactersConfig) -> tuple[list[Character], list[Rejection]]:
             rejects.append(reject(rid, "schema", f"{path}: line {lineno}: {_describe(exc)}",
                                   character_id=str(row.get("id", "")), text=json.dumps(row, ensure_ascii=False)))
             continue
-        ch.article = ch.article[: cfg.max_article_chars]
+        if not ch.label.strip():
+            rejects.append(reject(ch.row_id, "schema", f"{path}: line {lineno}: field 'label': empty label",
+                                  character_id=ch.id, text=json.dumps(row, ensure_ascii=False)))
+            continue
+        ch.summary = clip(ch.summary, cfg.max_summary_chars)
+        ch.article = clip(ch.article, cfg.max_article_chars)
         characters.append(ch)
     kept, more = select(characters, cfg)
     return kept, rejects + more
