@@ -223,8 +223,6 @@ def test_user_csv_rows_are_cut_and_an_empty_label_is_a_rejection(tmp_path):
                for r in rejects), rejects
 
 
-@pytest.mark.xfail(strict=True, reason="a Wikidata entity without labels is skipped silently, not recorded as "
-                                       "a rejection (tasks/sources/wikidata.py)")
 def test_wikidata_entity_without_labels_is_a_recorded_rejection(tmp_path):
     from models.config.characters import CharactersConfig
     from tasks.characters import collect_characters
@@ -233,6 +231,28 @@ def test_wikidata_entity_without_labels_is_a_recorded_rejection(tmp_path):
     dump = write_dump(tmp_path / "e.json", [entity("Q2", {}, p31="Q5", sitelinks={"enwiki": "Nobody"})])
     _, rejects = collect_characters(CharactersConfig(source="wikidata", wikidata_dump=str(dump)))
     assert [r.row_id.split("@")[0] for r in rejects] == ["Q2"]
+    assert rejects[0].filter == "no_label" and "Q2" in rejects[0].reason and "en" in rejects[0].reason
+
+
+def test_wikidata_unlabeled_rejections_are_bounded_to_persons_within_the_pool(tmp_path):
+    from models.config.characters import CharactersConfig
+    from tasks.characters import collect_characters
+    from tests.plugins.characters import entity, write_dump
+
+    links = lambda n: {f"w{i}wiki": f"T{i}" for i in range(n)}  # noqa: E731
+    dump = write_dump(tmp_path / "e.json", [
+        entity("Q1", {"en": "Ann", "zh": "安"}, p31="Q5", sitelinks=links(5)),
+        entity("Q2", {"de": "Nur Deutsch"}, p31="Q5", sitelinks=links(3)),  # below the cut: not recorded
+        entity("Q3", {"de": "Berühmt"}, p31="Q5", sitelinks=links(9)),  # would be in the pool: recorded
+        entity("Q4", {}, p31="Q515", sitelinks=links(50)),  # not a person: not recorded
+        entity("Q6", {"en": "Bob"}, p31="Q5", sitelinks=links(1)),  # a label in one language: a candidate
+    ])
+    cfg = CharactersConfig(source="wikidata", wikidata_dump=str(dump), languages=["en", "zh"], top_n=1,
+                           pool_factor=1, min_profile_chars=0)
+    _, rejects = collect_characters(cfg)
+    no_label = [r for r in rejects if r.filter == "no_label"]
+    assert [r.row_id for r in no_label] == ["Q3"]
+    assert "zh-hans" in no_label[0].reason and "Berühmt" in no_label[0].text
 
 
 # -- engine and model output ----------------------------------------------------------------------
@@ -240,7 +260,7 @@ def test_unknown_engine_kind_is_refused_before_anything_runs(existing, home, int
     _, chars, _ = existing
     res = _run(home, [*fast_overrides(chars), "engine.kind=nosuch"], "kind", "--until", "queries")
     assert res.exit_code == 2
-    assert "engine.kind: unknown engine 'nosuch'; known: fake, openai" in flat(res.output)
+    assert flat("engine.kind: unknown engine 'nosuch'; known: fake, openai") in flat(res.output)
     intact()
 
 

@@ -4,6 +4,9 @@ line, each line but the last ending with a comma; .json, .json.gz or .json.bz2),
 Selection: P31 (instance of, non-deprecated) in {Q5 human -> real, Q15632617 fictional human,
 Q95074 fictional character -> fictional}; Q5 wins if both appear. One candidate per configured
 language that has a label in it (zh falls back to zh-hans, zh-cn, zh-hant, zh-tw, zh-hk, ...).
+A selected person with a label in none of the configured languages is a `no_label` rejection naming
+the entity and the language codes tried, if its popularity would have put it in a language's pool
+(at most `top_n * pool_factor` such rejections: below the cut nothing is recorded).
 popularity = number of sitelinks. While streaming, the `top_n * pool_factor` most popular
 candidates per language are kept (bounded memory on the full dump); articles are then joined
 through the `<lang>wiki` sitelink titles and `select` walks the ranking.
@@ -249,6 +252,14 @@ def _labels(entity: dict, languages: list[str]) -> dict[str, str]:
     return out
 
 
+def _any_label(entity: dict) -> str:
+    """A label in some language, to show what the rejected entity is; '' when it has none."""
+    for value in (entity.get("labels") or {}).values():
+        if isinstance(value, dict) and value.get("value"):
+            return f"{value.get('language', '')}: {value['value']}"
+    return ""
+
+
 def collect(cfg: CharactersConfig) -> tuple[list[Character], list[Rejection]]:
     dump = require_file(cfg.wikidata_dump, "wikidata_dump", "wikidata")
     for f in cfg.wikipedia:
@@ -257,6 +268,7 @@ def collect(cfg: CharactersConfig) -> tuple[list[Character], list[Rejection]]:
     labels: dict[str, dict[str, str]] = {}
     pool = cfg.top_n * cfg.pool_factor
     heaps: dict[str, list] = {lang: [] for lang in cfg.languages}
+    unlabeled: list = []  # the `pool` most popular persons with no label in any configured language
     seq = 0
 
     def want_pass1(line: bytes) -> bool:
@@ -291,6 +303,21 @@ def collect(cfg: CharactersConfig) -> tuple[list[Character], list[Rejection]]:
                 heapq.heappush(heap, item)
             else:
                 heapq.heappushpop(heap, item)
+        if cand is None:
+            seq += 1
+            item = (len(sitelinks), -seq, entity["id"], _any_label(entity))
+            if len(unlabeled) < pool:
+                heapq.heappush(unlabeled, item)
+            else:
+                heapq.heappushpop(unlabeled, item)
+
+    # an unlabeled person is recorded only if its popularity would have put it in some language's pool:
+    # rows below the cut are neither kept nor rejected (as in `select`), which also bounds the memory
+    tried = [code for lang in cfg.languages for code in LANGUAGE_FALLBACKS.get(lang, [lang])]
+    for popularity, _, qid, other in sorted(unlabeled, key=lambda e: (-e[0], -e[1])):
+        if any(len(h) < pool or popularity > h[0][0] for h in heaps.values()):
+            rejects.append(reject(qid, "no_label", f"entity {qid} has no label in the configured languages "
+                                  f"(tried: {', '.join(tried)})", character_id=qid, text=other))
 
     # heap order is arbitrary; rank like the dump: popularity, then first seen
     ranked = sorted(((-neg_seq, lang, cand) for lang, heap in heaps.items() for _, neg_seq, cand in heap),
