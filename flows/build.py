@@ -238,6 +238,11 @@ class _Runner:
         stats = self.cat.update_stage_stats(self.run_id, name)
         self._artifacts(name, stats)
         _emit("stage_end", stage=name, stats=stats)
+        if not any(m["rows"] for m in res["shards"]):
+            rejected = sum(m["rejected_rows"] for m in res["shards"])
+            raise RunFailed(f"run {self.run_id}: stage {name} selected no row from {stage.describe_input(self.cfg)} "
+                            f"({rejected} rejected, reasons in `ditto show {self.run_id}` and "
+                            f"{self.home}/runs/{self.run_id}/rejected/{name}); check the {name} section of the config")
 
     def stage(self, name: str) -> None:
         stage: Stage = get_stage(name)
@@ -341,15 +346,17 @@ def _flow_run_name() -> str:
 @flow(name="build_dataset", flow_run_name=_flow_run_name, persist_result=False, log_prints=True)
 def build_dataset(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None,
                   home: str | None = None, until: str | None = None, fresh: bool = False,
-                  config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build the Ditto dataset. `config` (a dict) is used by reruns; `config_path` + `overrides` by users."""
+                  config: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Build the Ditto dataset. `config` (a dict) is used by reruns; `config_path` + `overrides` by users.
+    `resume` continues an existing run with its stored config even if defaults changed since."""
     from prefect.runtime import flow_run
 
     cfg = load_config(config_path, overrides, data=config)
+    validate_engines(cfg)
     run_id = run_id or flow_run.name or new_run_id()
     names = stages_until(until)
     check_chain(names)
-    summary = build(cfg, run_id, resolve_home(home), names, fresh, flow_run_id=flow_run.id)
+    summary = build(cfg, run_id, resolve_home(home), names, fresh, flow_run_id=flow_run.id, resume=resume)
     if cfg.train.enabled and names[-1] == "sft_data":
         from engines.base import close_engines
         from flows.evaluate import evaluate_flow
@@ -362,13 +369,29 @@ def build_dataset(config_path: str | None = None, overrides: list[str] | None = 
     return summary
 
 
+def validate_engines(cfg: RunConfig) -> None:
+    """Every engine named in the config must be in the registry: checked before anything is written."""
+    from engines.base import ENGINES
+
+    named = {"engine.kind": cfg.engine.kind}
+    if cfg.filter.judge.engine is not None:
+        named["filter.judge.engine.kind"] = cfg.filter.judge.engine.kind
+    if cfg.eval.judge is not None:
+        named["eval.judge.kind"] = cfg.eval.judge.kind
+    if cfg.eval.engine_kind:
+        named["eval.engine_kind"] = cfg.eval.engine_kind
+    for key, kind in named.items():
+        if kind not in ENGINES:
+            raise ConfigError(f"{key}: unknown engine {kind!r}; known: {', '.join(sorted(ENGINES))}")
+
+
 def build(cfg: RunConfig, run_id: str, home: Path, names: list[str], fresh: bool = False,
-          flow_run_id: str | None = None) -> dict[str, Any]:
+          flow_run_id: str | None = None, resume: bool = False) -> dict[str, Any]:
     """The DAG body: run each stage in order, register shards, finish the run's catalog record."""
     with Catalog(home) as cat:
         clean_temp_files(home / "runs" / run_id)
         prev = cat.get_run(run_id)
-        if prev and prev["config_hash"] != cfg.config_hash():
+        if prev and prev["config_hash"] != cfg.config_hash() and not resume:
             raise ConfigError(f"run {run_id} exists with another config (hash {prev['config_hash']}); "
                               f"start a new run instead")
         cat.start_run(run_id, cfg.dataset, cfg.model_dump(mode="json"), cfg.config_hash(), VERSION,
@@ -403,16 +426,18 @@ def build(cfg: RunConfig, run_id: str, home: Path, names: list[str], fresh: bool
 
 def run_build(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None,
               home: str | Path | None = None, until: str | None = None, fresh: bool = False,
-              config: dict[str, Any] | None = None) -> dict[str, Any]:
+              config: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
     """Entry point for the CLI and tests: validate everything first, then run the flow named after the
     run id. (Shard tasks go to the task runner that `runner:` configures, see flows/runners.py.)"""
     if config_path is None and config is None:
         config_path = str(DEMO_CONFIG)  # no CONFIG: the embedded demo
     cfg = load_config(config_path, overrides, data=config)
+    validate_engines(cfg)
     check_chain(stages_until(until))
     run_id = run_id or new_run_id()
-    return build_dataset.with_options(flow_run_name=run_id)(config=cfg.model_dump(mode="json"), run_id=run_id, home=str(resolve_home(home)), until=until,
-                   fresh=fresh)
+    return build_dataset.with_options(flow_run_name=run_id)(
+        config=cfg.model_dump(mode="json"), run_id=run_id, home=str(resolve_home(home)), until=until, fresh=fresh,
+        resume=resume)
 
 
 def rerun(run_id: str, home: str | Path | None = None) -> dict[str, Any]:
@@ -424,7 +449,7 @@ def rerun(run_id: str, home: str | Path | None = None) -> dict[str, Any]:
         run = rd.run(run_id)
     if run is None:
         raise ConfigError(f"no run {run_id!r} in {h}")
-    return run_build(config=json.loads(run["config"]), run_id=run_id, home=h, until=run["until"])
+    return run_build(config=json.loads(run["config"]), run_id=run_id, home=h, until=run["until"], resume=True)
 
 
 __all__ = ["ChainError", "RunFailed", "build", "build_dataset", "execute_shard", "rerun", "resolve_home", "run_build"]

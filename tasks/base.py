@@ -106,6 +106,10 @@ class SourceStage(Stage):
     def collect(self, config: RunConfig) -> tuple[list[Record], list[Rejection]]:
         raise NotImplementedError
 
+    def describe_input(self, config: RunConfig) -> str:
+        """Where the rows come from, for error messages."""
+        return ""
+
     @staticmethod
     def shard_key(row: Record) -> str:
         return row.id

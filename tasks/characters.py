@@ -51,6 +51,10 @@ class CharactersStage(SourceStage):
     def collect(self, config: RunConfig) -> tuple[list[Character], list[Rejection]]:
         return collect_characters(config.characters)
 
+    def describe_input(self, config: RunConfig) -> str:
+        return f"characters.source={config.characters.source}: " + (", ".join(input_files(config.characters))
+                                                                    or "(no file)")
+
     @staticmethod
     def shard_key(row: Character) -> str:
         # the character id, not id@language: both language versions land in the same shard
