@@ -118,3 +118,12 @@ def test_a_run_id_cannot_be_reused_with_another_config(tmp_path, fake_overrides)
     run_build(overrides=fake_overrides, home=home, until="characters", run_id="same")
     with pytest.raises(ConfigError, match="another config"):
         run_build(overrides=[*fake_overrides, "seed=5"], home=home, until="characters", run_id="same")
+
+
+def test_resume_continues_a_run_whose_config_gained_new_defaults(tmp_path, fake_overrides):
+    home = tmp_path / "home"
+    run_build(overrides=fake_overrides, home=home, until="characters", run_id="old")
+    # what `ditto rerun` does after an upgrade changed a default: the stored config, resumed
+    s = run_build(overrides=[*fake_overrides, "runner.max_workers=3"], home=home, until="characters",
+                  run_id="old", resume=True)
+    assert s["status"] == "completed"
