@@ -14,7 +14,8 @@ same rules to all of them:
    cut are not considered, so they are neither kept nor rejected.
 
 Bad inputs, decided per case (each source's docstring lists its own):
-- missing file: `MissingInputError` naming the config key and the path;
+- missing file: `MissingInputError` naming the config key and the path; a directory (or another
+  non-file) there: `NotAFileError` ("is a directory, expected a file") naming the key and the path;
 - a file that cannot be read at all (bad compression, not UTF-8 where a whole-file decode is done,
   not JSON where a dataset loader reads it): `InputFormatError` naming the file, line and problem;
 - a truncated compressed stream: `TruncatedInputError` naming the file, the last line read and how
@@ -48,6 +49,10 @@ class MissingInputError(CharacterSourceError, FileNotFoundError):
     pass
 
 
+class NotAFileError(CharacterSourceError, IsADirectoryError):
+    """The configured path exists but is a directory (or another non-file)."""
+
+
 class InputFormatError(CharacterSourceError):
     def __init__(self, path: str | Path, problem: str, line: int | None = None):
         self.path, self.line, self.problem = str(path), line, problem
@@ -69,9 +74,13 @@ def require_file(path: str | None, key: str, source: str) -> Path:
     if not path:
         raise MissingInputError(f"characters.{key} is not set; source '{source}' needs it")
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise MissingInputError(f"characters.{key}: file not found: {p}")
-    return p
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise NotAFileError(f"characters.{key}: {p} is a directory, expected a file")
+    if p.exists():
+        raise NotAFileError(f"characters.{key}: {p} is not a regular file, expected a file")
+    raise MissingInputError(f"characters.{key}: file not found: {p}")
 
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
