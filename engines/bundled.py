@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -140,12 +141,42 @@ def bundled_model_id(model: str) -> str | None:
     return f"{BUNDLED_MODEL}@{bundled_digest()}" if model == BUNDLED_MODEL else None
 
 
-def resolve_model(model: str, cache_dir: str | Path | None = None) -> str:
-    """The bundled model id becomes its prepared folder; local paths and HF ids pass through."""
+# what huggingface_hub accepts as a repo id: "name" or "org/name", word characters, "-" and ".", at most 96
+_HF_ID = re.compile(r"^(?:[A-Za-z0-9_](?:[\w.-]*[\w])?/)?[A-Za-z0-9_](?:[\w.-]*[\w])?$")
+
+
+def _looks_like_path(model: str) -> bool:
+    if model.startswith(("/", "./", "../", "~")) or model in (".", ".."):
+        return True
+    parent = Path(model).parent
+    return parent != Path(".") and parent.is_dir()  # "models/llm" with a local models/ folder
+
+
+def _is_hub_id(model: str) -> bool:
+    return len(model) <= 96 and "--" not in model and ".." not in model and bool(_HF_ID.match(model))
+
+
+def resolve_model(model: str, cache_dir: str | Path | None = None, key: str = "engine.model") -> str:
+    """The bundled model id becomes its prepared folder; existing local paths and HF ids pass through.
+
+    A value that looks like a local path (absolute, ./, ../, ~, or under an existing folder) but does not
+    exist, or that is neither an existing path nor a plausible HF id ("org/name" or "name"), is an
+    EngineError naming the value and `key`, instead of huggingface_hub's "Repo id must be in the form"."""
+    from engines.base import EngineError
+
     if model == BUNDLED_MODEL:
         return str(prepare_bundled_model(cache_dir))
     if model.startswith("bundled:"):
         raise BundledModelError(f"unknown bundled model {model!r}; the only one is {BUNDLED_MODEL!r}")
+    local = Path(model).expanduser()
+    if model and local.exists():
+        return str(local) if model.startswith("~") else model
+    if _looks_like_path(model):
+        where = f" ({local.resolve()})" if str(local.resolve()) != model else ""
+        raise EngineError(f"model path {model}{where} does not exist ({key})")
+    if not _is_hub_id(model):
+        raise EngineError(f"model {model!r} is neither an existing local folder nor a Hugging Face model id "
+                          f"('org/name' or 'name') ({key})")
     return model
 
 

@@ -200,9 +200,41 @@ def test_is_transient(exc, transient):
 
 # --- bundled model --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["/models/my-llm", "HuggingFaceTB/SmolLM2-360M-Instruct", "./relative"])
-def test_resolve_model_passes_paths_and_hub_ids_through(model):
+@pytest.mark.parametrize("model", ["ABS/my-llm", "HuggingFaceTB/SmolLM2-360M-Instruct", "./relative", "gpt2",
+                                   "meta-llama/Llama-3.1-8B"])
+def test_resolve_model_passes_paths_and_hub_ids_through(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "relative").mkdir()
+    (tmp_path / "my-llm").mkdir()
+    model = model.replace("ABS", str(tmp_path))
     assert bundled.resolve_model(model) == model
+
+
+@pytest.mark.parametrize("model", ["/no/such/model-dir", "./missing", "../missing", "~/no-such-model-dir",
+                                   "sub/missing"])
+def test_resolve_model_missing_local_path_names_the_path_and_key(model, tmp_path, monkeypatch):
+    from engines.base import EngineError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()  # "sub/missing" is a path under an existing folder, not a hub id
+    with pytest.raises(EngineError, match=r"model path .* does not exist \(engine\.model\)") as err:
+        bundled.resolve_model(model)
+    assert model in str(err.value) and "Repo id" not in str(err.value)
+
+
+@pytest.mark.parametrize("model", ["a/b/c", "has space", "org/", "", "x" * 100, "org--x/name"])
+def test_resolve_model_rejects_values_that_are_neither_a_folder_nor_a_hub_id(model):
+    from engines.base import EngineError
+
+    with pytest.raises(EngineError, match=r"neither an existing local folder nor a Hugging Face model id"):
+        bundled.resolve_model(model)
+
+
+def test_resolve_model_names_the_given_key():
+    from engines.base import EngineError
+
+    with pytest.raises(EngineError, match=r"\(train\.base_model\)"):
+        bundled.resolve_model("/no/such/base", key="train.base_model")
 
 
 def test_unknown_bundled_model_is_an_error():
