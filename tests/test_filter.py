@@ -382,3 +382,47 @@ def test_fingerprint_covers_config_prompts_and_judge_model():
     judged_elsewhere = filter_config(judge={"enabled": True, "engine": {"kind": "fake", "model": "big",
                                                                          "options": {"x": 1}}})
     assert stage.fingerprint(judged_elsewhere)["judge"]["model"] != fp["judge"]["model"]
+
+
+def test_dedup_signatures_follow_the_shard_content_not_its_path(tmp_path, monkeypatch):
+    """A responses shard regenerated at the same path (same turn ids, other sampled text) is signed again;
+    an unchanged shard reuses its signatures."""
+    from tasks.filters import dedup
+
+    base = ("I remember the cold morning at Austerlitz when the fog lifted and the sun rose over the Pratzen "
+            "heights, and my soldiers cheered as the enemy center broke before noon.")
+    first = [make_turn("Q517@en", base)]
+    other = [make_turn("Q937@en", GOOD["Q11@en"])]
+    up = {"responses": {0: _write_shard(tmp_path, 0, first), 1: _write_shard(tmp_path, 1, other)},
+          "characters": {}}
+    cfg = filter_config(refusal={"enabled": False}, out_of_role={"enabled": False})
+    stage = FilterStage()
+    signed = []
+    real = dedup._sign_all
+    monkeypatch.setattr(dedup, "_sign_all", lambda todo, *a: (signed.append(len(todo)), real(todo, *a)))
+    plan = stage.prepare(cfg, tmp_path, "r1", up)
+    assert signed == [2] and not dedup.load_decisions(plan[1]["dup_file"])
+    assert stage.prepare(cfg, tmp_path, "r1", up) == plan and signed == [2, 0]  # nothing changed: reused
+
+    # shard 1 regenerated at the same path with the same turn id: now it duplicates shard 0
+    again = [{**make_turn("Q937@en", base), "id": other[0]["id"]}]
+    assert _write_shard(tmp_path, 1, again) == up["responses"][1]
+    plan2 = stage.prepare(cfg, tmp_path, "r1", up)
+    assert signed == [2, 0, 1]
+    decisions = [d for s in (0, 1) for d in dedup.load_decisions(plan2[s]["dup_file"]).values()]
+    assert [d["filter"] for d in decisions] == ["exact_dup"]  # whichever id is smaller is kept
+    assert {d["id"] for d in decisions} | {d["dup_of"] for d in decisions} == {first[0]["id"], other[0]["id"]}
+
+
+def test_shard_fingerprint_changes_with_content_even_at_the_same_size_and_mtime(tmp_path):
+    import os
+
+    from tasks.filters.dedup import shard_fingerprint
+
+    path = _write_shard(tmp_path, 0, [make_turn("Q517@en", "a" * 200)])
+    st = os.stat(path)
+    before = shard_fingerprint(path)
+    assert shard_fingerprint(path) == before
+    _write_shard(tmp_path, 0, [{**make_turn("Q517@en", "b" * 200), "id": make_turn("Q517@en", "a" * 200)["id"]}])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard_fingerprint(path) != before

@@ -6,7 +6,8 @@ Signatures: tokens (words; CJK characters) -> n-gram shingles hashed to uint32 -
 datasketch's optimum for the threshold (`MinHashLSH(threshold, num_perm).b, .r`).
 
 The global step streams the responses shard by shard, writes one signature table per shard under
-`<home>/runs/<run>/filter_global/signatures/` (reused while the input shard and dedup config are the same),
+`<home>/runs/<run>/filter_global/signatures/` (reused while the input shard's content, as `shard_fingerprint`
+sees it, and the dedup config are the same),
 then runs one banding pass over all of them in NumPy instead of datasketch's dict-of-lists index, and
 writes each shard's decisions (turn id -> exact_dup/near_dup of which id).
 
@@ -23,6 +24,7 @@ never suppresses a good one.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import zlib
@@ -273,14 +275,33 @@ def _sign_all(todo: list[tuple[str, Path]], dcfg: DedupConfig, fcfg: FormatFilte
         list(pool.map(_sign_shard, jobs))
 
 
+def shard_fingerprint(path: str | Path) -> str:
+    """What the signature cache of one responses shard is keyed by: its path, size, mtime_ns and a hash of
+    its Parquet footer (row count, per-column compressed sizes and min/max statistics). A shard
+    regenerated at the same path (same input hash, same turn ids, other sampled text) is written anew
+    (atomic replace: a new mtime) and differs in its footer, so its stale signatures are not reused; reading
+    the footer costs a few kB per shard, not the file."""
+    p = Path(path)
+    st = p.stat()
+    with p.open("rb") as fh:
+        fh.seek(max(0, st.st_size - 8))
+        tail = fh.read(8)
+        footer = b""
+        if len(tail) == 8 and tail[4:] == b"PAR1":
+            size = int.from_bytes(tail[:4], "little")
+            fh.seek(max(0, st.st_size - 8 - size))
+            footer = fh.read(size)
+    return content_hash([str(p), st.st_size, st.st_mtime_ns, hashlib.sha256(footer + tail).hexdigest()], 16)
+
+
 def prepare(dcfg: DedupConfig, fcfg: FormatFilterConfig, home: Path, run_id: str,
             shards: dict[int, str]) -> dict[int, dict[str, Any]]:
     root = Path(home) / "runs" / run_id / "filter_global"
     sig_key = content_hash({"dedup": dcfg.model_dump(mode="json"), "format": fcfg.model_dump(mode="json"),
                             "algo": 1})
     shard_ids = sorted(int(s) for s in shards)
-    sig_paths = {s: root / "signatures" / sig_key / f"part-{s:05d}-{content_hash(str(shards[s]), 12)}.parquet"
-                 for s in shard_ids}
+    prints = {s: shard_fingerprint(shards[s]) for s in shard_ids}
+    sig_paths = {s: root / "signatures" / sig_key / f"part-{s:05d}-{prints[s]}.parquet" for s in shard_ids}
     _sign_all([(str(shards[s]), p) for s, p in sig_paths.items() if not p.exists()], dcfg, fcfg)
     id_chunks, exact_chunks, sig_chunks, owner = [], [], [], []
     for s in shard_ids:
@@ -299,7 +320,7 @@ def prepare(dcfg: DedupConfig, fcfg: FormatFilterConfig, home: Path, run_id: str
     per_shard: dict[int, list[dict]] = {s: [] for s in shard_ids}
     for d in decisions:
         per_shard[shard_of_id[d["id"]]].append(d)
-    run_key = content_hash([sig_key, [[s, str(shards[s])] for s in shard_ids]])
+    run_key = content_hash([sig_key, [[s, prints[s]] for s in shard_ids]])
     out = {}
     for s in shard_ids:
         rows = sorted(per_shard[s], key=lambda d: d["id"])
