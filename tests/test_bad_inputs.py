@@ -185,7 +185,9 @@ def test_a_10mb_profile_is_cut_in_the_prompt_and_flagged(home, tmp_path, intact)
                  "summary": "word " * 2_000_000})  # 10 MB
     path = tmp_path / "big.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    ov = [o for o in _base(path) if not o.startswith("runner.num_shards")] + ["runner.num_shards=1"]
+    # the source cuts the summary to max_summary_chars; raised here so the prompt's own cut is what is tested
+    ov = [o for o in _base(path) if not o.startswith("runner.num_shards")] + [
+        "runner.num_shards=1", "characters.max_summary_chars=20000000"]
     res = _run(home, ov, "big", "--until", "responses")
     assert res.exit_code == 0, res.output
     with CatalogReader(home) as rd:
