@@ -134,8 +134,6 @@ def test_require_file_names_the_key_for_a_directory_and_a_missing_path(tmp_path)
     assert require_file(str(characters_file(tmp_path / "c.jsonl", 1)), "path", "jsonl").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="an empty character file completes a run with 0 rows and no message "
-                                       "(tasks/sources/userfile.py): it should be an error naming the file")
 def test_empty_character_file_is_an_error(home, tmp_path, intact):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
