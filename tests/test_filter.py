@@ -327,15 +327,16 @@ def test_judge_parse():
 
 
 def test_judge_with_the_fake_engine(tmp_path):
-    """The fake engine's guided-JSON output is a question list, not a verdict: every turn is re-asked
-    `rounds` times, then counted as judge_error (kept or dropped by config); tokens are counted."""
+    """The fake engine answers the judge's JSON schema with a verdict: one request per turn, the score
+    stored on every kept turn, and turns under min_score dropped with the reason."""
     turns = [make_turn(cid, GOOD[cid]) for cid in GOOD]
-    out = run(tmp_path, turns, filter_config(judge={"enabled": True, "rounds": 2}))
-    assert out.stats.requests == 2 * len(turns) and out.stats.completion_tokens > 0
-    assert out.stats.extra["judge_errors"] == len(turns) and out.stats.rows_out == len(turns)
-    assert all(t.scores["judge_error"] == 1 for s in out.rows for t in s.turns)
-    out = run(tmp_path, turns, filter_config(judge={"enabled": True, "rounds": 1, "on_error": "drop"}))
-    assert out.stats.dropped == {"judge_error": len(turns)} and out.rows == [] and funnel_ok(out)
+    out = run(tmp_path, turns, filter_config(judge={"enabled": True, "rounds": 2, "min_score": 1}))
+    assert out.stats.requests == len(turns) and out.stats.completion_tokens > 0
+    assert out.stats.rows_out == len(turns) and funnel_ok(out)
+    scores = [t.scores["judge"] for s in out.rows for t in s.turns]
+    assert all(1 <= x <= 10 for x in scores)
+    strict = run(tmp_path, turns, filter_config(judge={"enabled": True, "min_score": 10}))
+    assert funnel_ok(strict) and strict.stats.dropped.get("judge", 0) == sum(x < 10 for x in scores)
 
 
 def _judge_cfg(options, length=None, **judge):
