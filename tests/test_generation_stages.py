@@ -63,7 +63,7 @@ def _ctx(stage, overrides, shard=0):
 
 def test_queries_resample_then_reject(scripted_engine):
     chars = make_characters(2)
-    ov = ["engine.kind=scripted", "queries.pairings=1", "queries.rounds=2"]
+    ov = ["engine.kind=listed", "queries.pairings=1", "queries.rounds=2"]
     outputs = json.dumps({"outputs": ["nope", GOOD, GOOD]})
     out = QueriesStage().run(_ctx("queries", [*ov, f"engine.options={outputs}"]), {"characters": chars})
     # both pairs: round 1 -> "nope" for one and GOOD for the other, round 2 re-samples the invalid one

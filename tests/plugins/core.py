@@ -110,9 +110,10 @@ class ScriptedEngine:
 
 
 @pytest.fixture
-def scripted_engine():
+def scripted_engine(monkeypatch):
+    """engine.kind=listed: replies with engine.options['outputs'] in order."""
     from engines import base
 
-    base.register_engine("scripted", "tests.plugins.core:ScriptedEngine")
+    monkeypatch.setitem(base.ENGINES, "listed", "tests.plugins.core:ScriptedEngine")
     yield
     base.close_engines()
