@@ -167,6 +167,45 @@ def test_run_deployment_executes_build_dataset(prefect_server, tmp_path, chars_f
     assert {"ditto-deploy-test-responses-stats", "ditto-deploy-test-sft-data-samples"} <= keys
 
 
+def test_prefect_retry_of_a_failed_flow_run_recomputes_only_the_failed_shards(prefect_server, tmp_path, chars_file):
+    """What the UI's "Retry" does: the same flow run, same parameters, back to AwaitingRetry and executed
+    again. Done shards are skipped through the catalog; only the failed ones (and what depends on them) run."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import AwaitingRetry
+
+    from storage.reader import CatalogReader
+
+    deploy_all(DEFAULT_PREFECT_YAML, names=["nightly"])
+    home, switch = tmp_path / "home", tmp_path / "fault-on"
+    switch.write_text("1")
+    overrides = ["engine.kind=fake", "characters.source=jsonl", f"characters.path={chars_file}",
+                 "characters.shard_size=2", "runner.retry_delay_seconds=[0]", "engine.options.fail_on=Cleopatra",
+                 f"engine.options.fail_while_exists={switch}"]
+    fr = run_deployment("build_dataset/nightly", timeout=0, parameters={
+        "config_path": None, "overrides": overrides, "home": str(home), "run_id": "retry-1", "until": "responses"})
+    _execute(fr.id)
+    assert _state(fr.id).state.is_failed()
+    with CatalogReader(home) as rd:
+        before = {(s["stage"], s["shard"]): s for s in rd.shards("retry-1")}
+    failed = {k for k, s in before.items() if s["status"] == "failed"}
+    assert failed and all(k[0] == "queries" for k in failed)
+
+    switch.unlink()  # the cause is fixed; retry the same flow run
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(fr.id, state=AwaitingRetry(), force=True)
+    proc = _execute(fr.id)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _state(fr.id).state.is_completed()
+    with CatalogReader(home) as rd:
+        after = {(s["stage"], s["shard"]): s for s in rd.shards("retry-1")}
+        assert rd.run("retry-1")["status"] == "completed"
+    assert all(s["status"] == "done" for s in after.values())
+    untouched = [k for k, s in before.items() if s["status"] == "done" and k[0] != "characters"]
+    assert untouched and all(after[k]["finished_at"] == before[k]["finished_at"] for k in untouched)
+    assert all(after[k]["attempts"] == 2 for k in failed)
+
+
 # -- task runner: thread pool by default, Dask when configured -------------------------------------
 
 def test_task_runner_default_is_thread_pool():
