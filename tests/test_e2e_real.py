@@ -17,7 +17,9 @@ def _rows(home, run_id, stage, kind="data"):
     return [r for p in paths for r in table_rows(read_table(p))]
 
 
-def test_five_bundled_characters_through_every_stage(tmp_path):
+def test_five_bundled_characters_through_every_stage(tmp_path, vllm_engine):
+    # vllm_engine: the session's shared engine (the same EngineConfig as the run's default), created by
+    # its fixture first so the engine tests' reproducibility check sees the engine's very first draws
     home = tmp_path / "home"
     s = run_build(overrides=[
         "characters.per_category=false", "characters.top_n=5", "runner.num_shards=1",
