@@ -109,6 +109,9 @@ OUT_OF_ROLE = [
     ("Q7071@zh", "根据提供的资料，我是唐代诗人，喜欢饮酒。"),
     ("Q7071@zh", "李白是唐代著名诗人，一生好饮酒。"),
     ("Q7071@zh", "我是孙悟空，俺老孙不会作诗。"),
+    ("Q517@en", "I'm sorry for the misunderstanding earlier. I'd be happy to assist you further."),
+    ("Q517@en", "I must inform you that I don't have access to personal data unless it is provided."),
+    ("Q7071@zh", "抱歉给您带来困惑，我很乐意为您提供帮助。"),
 ]
 
 

@@ -16,6 +16,10 @@ ASSISTANT_EN = [
     r"\b(?:language model|openai|chatgpt|my training data|knowledge cut-?off|training cut-?off)\b",
     r"\bi (?:do not|don't) have (?:personal |real |any )?(?:experiences|feelings|emotions|opinions|a (?:physical )?body)\b",
     r"\bhow (?:can|may) i (?:assist|help) you(?: today)?\b",
+    # the register a small generator slips into (seen in 23% of a 135M model's kept turns before these)
+    r"\b(?:happy|glad|here) to assist\b|\bassist you (?:further|with)\b",
+    r"\bsorry for (?:the|any) (?:confusion|misunderstanding)\b",
+    r"\bi (?:do not|don't) have access to\b",
 ]
 META_EN = [
     r"\brole-?play(?:ing)?\b|\bin character\b|\bstay(?:ing)? in (?:the )?role\b",
@@ -25,6 +29,7 @@ META_EN = [
     r"\baccording to (?:the|my) (?:profile|introduction|description|information|wikipedia|text)\b",
 ]
 ASSISTANT_ZH = [
+    r"(?:很高兴|乐意)为您(?:服务|提供帮助)|抱歉(?:给您)?(?:造成|带来)(?:的)?(?:困惑|误解)",
     r"作为(?:一个|一名|一位)?(?:人工智能|ai|语言模型|大语言模型|(?:ai|智能|虚拟)?助手)",
     r"我(?:只)?是(?:一个|一名|一位)?(?:人工智能|ai|语言模型|大语言模型|聊天机器人|(?:ai|智能|虚拟)助手)",
     r"语言模型|人工智能助手|openai|chatgpt|训练数据",
