@@ -123,7 +123,6 @@ def _run_and_report(fn, home: str | None, as_json: bool, verbose: bool, **kwargs
     except RunFailed as exc:
         code = 1
         console.print(f"[bold red]run failed:[/] {exc}", highlight=False)
-        run_id = str(exc).split()[1].rstrip(":") if run_id is None else run_id
     finally:
         if hook:
             hook.p.stop()
@@ -153,8 +152,9 @@ def run(config: Annotated[Path | None, typer.Argument(help="run config YAML (def
         fresh: Annotated[bool, typer.Option(help="regenerate even where an identical shard exists")] = False,
         as_json: JsonOpt = False, verbose: bool = False) -> None:
     """Run build_dataset (characters -> queries -> responses -> filter -> sft_data)."""
-    from flows.build import run_build
+    from flows.build import new_run_id, run_build
 
+    run_id = run_id or new_run_id()  # known up front, so a failed run can still be reported
     _run_and_report(run_build, home, as_json, verbose, config_path=str(config) if config else None,
                     overrides=set_ or [], until=until, fresh=fresh, run_id=run_id)
 
