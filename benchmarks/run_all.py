@@ -37,12 +37,15 @@ def _orchestration(d: dict) -> list[tuple[str, str, str]]:
 
 def _rerun(d: dict) -> list[tuple[str, str, str]]:
     return [("rerun / full run", f"{d['rerun_over_full']:.1%}", f"<= {d['target']:.1%} (k/N + 5%)"),
-            ("failed shards", f"{len(d['failed_shards'])}/{d['shards']}", "")]
+            ("failed shards", f"{len(d['failed_shards'])}/{d['shards']}", ""),
+            ("full run / rerun / no-op rerun", f"{d['full_s']} / {d['rerun_s']} / {d['noop_rerun_s']} s", ""),
+            ("shards recomputed", json.dumps(d["recomputed_shards"]), "")]
 
 
 def _memory(d: dict) -> list[tuple[str, str, str]]:
     rows = [(f"peak RSS {r['turns']} turns, {r['shards']} shards", f"{r['peak_rss_mb']} MB", "") for r in d["runs"]]
-    return rows + [("RSS spread over shard counts", f"{d['rss_spread_over_shard_counts']:.2f}x", "flat (~1.0x)")]
+    return rows + [("RSS spread over shard counts", f"{d['rss_spread_over_shard_counts']:.2f}x", "flat (~1.0x)"),
+                   (f"RSS growth for {d['turns_ratio']}x the turns", f"{d['rss_ratio']:.2f}x", "")]
 
 
 def _filter(d: dict) -> list[tuple[str, str, str]]:
@@ -63,12 +66,15 @@ def _lines(out: str, keys: tuple[str, ...]) -> list[tuple[str, str, str]]:
             if any(k in line for k in keys)]
 
 
+# name: (script, arguments, --quick arguments (None: left out of --quick), parser, heavy)
 BENCHMARKS = {
-    "orchestration": (["--json"], ["--quick", "--json"], _orchestration, False),
-    "rerun_cost": (["--json"], ["--quick", "--json"], _rerun, False),
-    "memory": (["--json"], ["--quick", "--json"], _memory, False),
-    "filter_throughput": ([], ["--turns", "10000", "--planted", "200", "--identity-turns", "500"], _filter, False),
-    "engine_throughput": ([], ["--n", "64", "--repeats", "1", "--hf-n", "16"], None, True),
+    "orchestration": ("orchestration", ["--json"], ["--quick", "--json"], _orchestration, False),
+    "rerun_cost": ("rerun_cost", ["--json"], ["--quick", "--json"], _rerun, False),
+    "rerun_cost (bundled)": ("rerun_cost", ["--engine", "bundled", "--json"], None, _rerun, True),
+    "memory": ("memory", ["--json"], ["--quick", "--json"], _memory, False),
+    "filter_throughput": ("filter_throughput", [], ["--turns", "10000", "--planted", "200", "--identity-turns", "500"],
+                          _filter, False),
+    "engine_throughput": ("engine_throughput", [], ["--n", "64", "--repeats", "1", "--hf-n", "16"], None, True),
 }
 
 
@@ -78,10 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip", action="append", default=[])
     a = ap.parse_args(argv)
     table: list[tuple[str, str, str, str]] = []
-    for name, (full, quick, parse, heavy) in BENCHMARKS.items():
-        script = HERE / f"{name}.py"
+    for name, (script_name, full, quick, parse, heavy) in BENCHMARKS.items():
+        script = HERE / f"{script_name}.py"
         if name in a.skip:
             table.append((name, "skipped (--skip)", "", ""))
+            continue
+        if a.quick and quick is None:
+            table.append((name, "skipped in --quick", "", ""))
             continue
         if not script.exists():
             table.append((name, f"skipped: {script.name} is not there", "", ""))

@@ -11,7 +11,8 @@ Enabled from config; `get_engine` wraps the loaded engine when `engine.options.f
 - malformed: single generations have their text replaced by invalid JSON, JSON of the wrong shape,
   an empty string or a cut-off text (finish_reason "length"): the queries stage re-samples, the
   filter rejects garbage answers.
-- permanent_on: a substring; a call whose prompts contain it raises EngineError (no retry).
+- permanent_on: a substring; a call whose prompts contain it raises EngineError (no retry); with
+  permanent_while_exists, only while that file exists (the cause is then fixed and the run rerun).
 - latency: seconds slept per call (a slow engine); hold_while_exists: calls wait while a file exists
   (keeps a run holding the catalog until a test lets it go).
 
@@ -49,6 +50,8 @@ class FaultConfig(BaseModel):
                              description="timeout | connection | malformed")
     seed: int = Field(0, description="seed of the fault decisions")
     permanent_on: str | None = Field(None, description="a call whose prompts contain this text raises EngineError")
+    permanent_while_exists: str | None = Field(None, description="permanent_on applies only while this file "
+                                                                 "exists (a fault that an operator then fixes)")
     report: str | None = Field(None, description="write the fault counts as JSON here on close")
     latency: float = Field(0.0, ge=0, description="seconds added to every call (a slow engine)")
     hold_while_exists: str | None = Field(None, description="calls wait while this file exists (at most 10 min): "
@@ -98,7 +101,8 @@ class FaultInjector:
     def generate(self, chats: list[list[Message]], sampling: Sampling | list[Sampling]) -> list[Generation]:
         f = self.faults
         self._count("calls")
-        if f.permanent_on and any(f.permanent_on in m["content"] for chat in chats for m in chat):
+        if f.permanent_on and (f.permanent_while_exists is None or os.path.exists(f.permanent_while_exists)) and \
+                any(f.permanent_on in m["content"] for chat in chats for m in chat):
             self._count("permanent")
             raise EngineError(f"injected permanent fault on a prompt containing {f.permanent_on!r}")
         params = sampling if isinstance(sampling, list) else [sampling] * len(chats)

@@ -119,6 +119,16 @@ def test_permanent_fault_is_not_transient():
     assert not is_transient(ei.value)
 
 
+def test_permanent_fault_only_while_its_switch_file_exists(tmp_path):
+    switch = tmp_path / "broken"
+    switch.write_text("1")
+    inj = FaultInjector(_fake(), {"rate": 0.0, "permanent_on": "question 3", "permanent_while_exists": str(switch)})
+    with pytest.raises(EngineError, match="injected permanent"):
+        inj.generate(CHATS[2:5], Sampling())
+    switch.unlink()  # the cause fixed: the same prompts now go through
+    assert len(inj.generate(CHATS[2:5], Sampling())) == 3 and inj.counts["permanent"] == 1
+
+
 def test_fault_options_are_checked_and_never_reach_the_engine(tmp_path):
     with pytest.raises(EngineError, match="engine.options.faults.*unknown fault kind"):
         split_options({"faults": {"kinds": ["meteor"]}})

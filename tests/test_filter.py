@@ -3,6 +3,8 @@ shards, the funnel, re-thresholding from stored scores, the judge, min_turns."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -404,15 +406,23 @@ def test_dedup_signatures_follow_the_shard_content_not_its_path(tmp_path, monkey
     signed = []
     real = dedup._sign_all
     monkeypatch.setattr(dedup, "_sign_all", lambda todo, *a: (signed.append(len(todo)), real(todo, *a)))
+    decided = []
+    real_decide = dedup.decide
+    monkeypatch.setattr(dedup, "decide", lambda *a: (decided.append(1), real_decide(*a))[1])
     plan = stage.prepare(cfg, tmp_path, "r1", up)
-    assert signed == [2] and not dedup.load_decisions(plan[1]["dup_file"])
-    assert stage.prepare(cfg, tmp_path, "r1", up) == plan and signed == [2, 0]  # nothing changed: reused
+    assert signed == [2] and decided == [1] and not dedup.load_decisions(plan[1]["dup_file"])
+    # nothing changed upstream (a rerun): the finished step's decisions and digests stand, nothing is signed
+    # or decided again
+    assert stage.prepare(cfg, tmp_path, "r1", up) == plan and signed == [2] and decided == [1]
+    # a decisions part lost (a step killed while writing them): decided again, signatures reused
+    Path(plan[1]["dup_file"]).unlink()
+    assert stage.prepare(cfg, tmp_path, "r1", up) == plan and signed == [2, 0] and decided == [1, 1]
 
     # shard 1 regenerated at the same path with the same turn id: now it duplicates shard 0
     again = [{**make_turn("Q937@en", base), "id": other[0]["id"]}]
     assert _write_shard(tmp_path, 1, again) == up["responses"][1]
     plan2 = stage.prepare(cfg, tmp_path, "r1", up)
-    assert signed == [2, 0, 1]
+    assert signed == [2, 0, 1] and decided == [1, 1, 1]
     decisions = [d for s in (0, 1) for d in dedup.load_decisions(plan2[s]["dup_file"]).values()]
     assert [d["filter"] for d in decisions] == ["exact_dup"]  # whichever id is smaller is kept
     assert {d["id"] for d in decisions} | {d["dup_of"] for d in decisions} == {first[0]["id"], other[0]["id"]}

@@ -301,6 +301,13 @@ def prepare(dcfg: DedupConfig, fcfg: FormatFilterConfig, home: Path, run_id: str
                             "algo": 1})
     shard_ids = sorted(int(s) for s in shards)
     prints = {s: shard_fingerprint(shards[s]) for s in shard_ids}
+    run_key = content_hash([sig_key, [[s, prints[s]] for s in shard_ids]])
+    dec_paths = {s: root / "decisions" / run_key / f"part-{s:05d}.parquet" for s in shard_ids}
+    if all(p.exists() for p in dec_paths.values()):
+        # the same shards and config as a finished global step (a rerun with nothing new upstream): its
+        # decisions stand; each file was written atomically, so an interrupted step has a part missing
+        return {s: {"dup_file": str(p), "digest": content_hash(pq.read_table(p).to_pylist())}
+                for s, p in dec_paths.items()}
     sig_paths = {s: root / "signatures" / sig_key / f"part-{s:05d}-{prints[s]}.parquet" for s in shard_ids}
     _sign_all([(str(shards[s]), p) for s, p in sig_paths.items() if not p.exists()], dcfg, fcfg)
     id_chunks, exact_chunks, sig_chunks, owner = [], [], [], []
@@ -320,13 +327,11 @@ def prepare(dcfg: DedupConfig, fcfg: FormatFilterConfig, home: Path, run_id: str
     per_shard: dict[int, list[dict]] = {s: [] for s in shard_ids}
     for d in decisions:
         per_shard[shard_of_id[d["id"]]].append(d)
-    run_key = content_hash([sig_key, [[s, prints[s]] for s in shard_ids]])
     out = {}
     for s in shard_ids:
         rows = sorted(per_shard[s], key=lambda d: d["id"])
-        path = root / "decisions" / run_key / f"part-{s:05d}.parquet"
-        write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), path)
-        out[s] = {"dup_file": str(path), "digest": content_hash(rows)}
+        write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), dec_paths[s])
+        out[s] = {"dup_file": str(dec_paths[s]), "digest": content_hash(rows)}
     return out
 
 
