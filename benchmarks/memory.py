@@ -66,15 +66,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"(run {res['wall_s']} s)", flush=True)
     base = rows[0]
     by_shards = [r for r in rows[1:]]
-    growth_turns = by_shards[0]["peak_rss_mb"] / base["peak_rss_mb"] if base["peak_rss_mb"] else 0
-    turns_x = by_shards[0]["turns"] / max(1, base["turns"])
+    same = next(r for r in by_shards if r["shards"] == base["shards"])  # the big run at the small run's shards
+    growth_turns = same["peak_rss_mb"] / base["peak_rss_mb"] if base["peak_rss_mb"] else 0
+    turns_x = same["turns"] / max(1, base["turns"])
     spread = max(r["peak_rss_mb"] for r in by_shards) / min(r["peak_rss_mb"] for r in by_shards)
     if a.json:
         print(json.dumps({"runs": rows, "turns_ratio": round(turns_x, 2), "rss_ratio": round(growth_turns, 3),
                           "rss_spread_over_shard_counts": round(spread, 3),
                           "whole_run_structures": WHOLE_RUN_STRUCTURES}, indent=2))
     else:
-        print(f"memory: {turns_x:.1f}x the turns -> {growth_turns:.2f}x peak RSS; across {len(by_shards)} shard counts the peak "
+        print(f"memory: {turns_x:.1f}x the turns at {base['shards']} shards -> {growth_turns:.2f}x peak RSS; across {len(by_shards)} shard counts the peak "
               f"varies by {spread:.2f}x (target: flat)")
         print("  whole-run structures still held in memory:")
         for s in WHOLE_RUN_STRUCTURES:
