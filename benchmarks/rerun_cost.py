@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shards", type=int, default=None, help="fake: 32; bundled: 8")
     ap.add_argument("--failed", type=int, default=None, help="k: shards that fail (fake: 4; bundled: 1)")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--no-dedup", action="store_true", help="switch off the filter's run-wide dedup: its global "
-                    "step makes every filter shard depend on every responses shard")
+    ap.add_argument("--no-dedup", action="store_true", help="switch off run-wide dedup: its global step makes every "
+                    "dedup shard depend on every filter shard")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -164,10 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
             for sh in rd.shards("failing"):
                 if sh["finished_at"] and sh["finished_at"] >= since:
                     recomputed[sh["stage"]] = recomputed.get(sh["stage"], 0) + 1
-            rows = {st: sum(x["rows"] or 0 for x in rd.shards("failing", st)) for st in ("responses", "filter")}
+            rows = {st: sum(x["rows"] or 0 for x in rd.shards("failing", st)) for st in ("responses", "dedup")}
     frac = len(failed) / a.shards
     res = {"engine": a.engine, "shards": a.shards, "failed_shards": failed, "k_over_n": round(frac, 4),
-           "turns": rows["responses"], "kept_turns": rows["filter"], "full_s": round(full, 2),
+           "turns": rows["responses"], "kept_turns": rows["dedup"], "full_s": round(full, 2),
            "failed_run_s": round(failed_run, 2), "rerun_s": round(rr, 2), "rerun_over_full": round(rr / full, 4),
            "target": round(frac + 0.05, 4), "within_target": rr / full <= frac + 0.05,
            "recomputed_shards": recomputed,

@@ -21,8 +21,8 @@ from storage.reader import CatalogReader
 
 logger = logging.getLogger("ditto.dashboard")
 
-STAGE_ORDER = ["characters", "queries", "responses", "filter", "sft_data"]
-SESSIONS_STAGE = "filter"  # its shards hold Session rows
+STAGE_ORDER = ["characters", "queries", "responses", "filter", "dedup", "sft_data"]
+SESSIONS_STAGE = "dedup"  # its shards hold the final Session rows
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STAGE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 ROW_ID_RE = re.compile(r"^\w[\w.@:+-]{0,199}$")

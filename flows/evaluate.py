@@ -50,7 +50,7 @@ def load_eval_items(reader: CatalogReader, run_id: str, config: RunConfig) -> li
             items = [it for it in items if it.turn < ev.max_turns_per_character]
         return items
     characters = _rows(reader.done_paths(run_id, "characters"))
-    sessions = _rows(reader.done_paths(run_id, "filter"))
+    sessions = _rows(reader.done_paths(run_id, "dedup"))
     sft = _rows(reader.done_paths(run_id, "sft_data"))
     if sft:  # the split the training data actually used
         heldout = {r["character_id"] for r in sft if r["split"] == "validation"}

@@ -8,13 +8,14 @@ from functools import cache
 
 from tasks.base import SourceStage, Stage
 
-STAGE_ORDER = ["characters", "queries", "responses", "filter", "sft_data"]
+STAGE_ORDER = ["characters", "queries", "responses", "filter", "dedup", "sft_data"]
 
 STAGES: dict[str, str] = {
     "characters": "tasks.characters:CharactersStage",
     "queries": "tasks.queries:QueriesStage",
     "responses": "tasks.responses:ResponsesStage",
     "filter": "tasks.filter:FilterStage",
+    "dedup": "tasks.dedup:DedupStage",
     "sft_data": "tasks.sft_data:SFTDataStage",
 }
 

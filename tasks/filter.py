@@ -1,7 +1,9 @@
 """The filter stage: per-turn checks, cheap first, then one session per character and language.
 
-    format -> length -> dedup (run-wide decisions from prepare) -> language -> out_of_role -> refusal
-           -> identity (embeddings) -> judge (LLM)
+    format -> length -> language -> out_of_role -> refusal -> identity (embeddings) -> judge (LLM)
+
+Every check here looks at one turn of this shard, so a filter shard depends on its own responses shard
+only. Duplicates across the run are the next stage's business (tasks/dedup.py), on the turns kept here.
 
 Each check keeps a turn or drops it with a reason; every dropped turn becomes a Rejection row and counts in
 stats.dropped[filter]. Kept turns keep their scores (SessionTurn.scores) so a stricter threshold can be
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from models.config import RunConfig
@@ -22,14 +23,13 @@ from models.records import Character, Rejection, Session, Turn
 from tasks import prompts
 from tasks.base import ShardOutput, Stage, StageContext, Stats
 from tasks.filters import Drop, Filter, Item
-from tasks.filters import dedup as dedup_mod
 from tasks.filters.basic import FormatFilter, LanguageFilter, LengthFilter
 from tasks.filters.identity import IdentityFilter
 from tasks.filters.judge import SCHEMA, JudgeFilter, judge_engine_config
 from tasks.filters.role import OutOfRoleFilter, RefusalFilter
 from tasks.sessions import assemble_sessions
 
-VERSION = 1  # bump when a filter's logic changes: enters the shard hash
+VERSION = 2  # bump when a filter's logic changes: enters the shard hash
 
 
 def character_key(c: dict) -> str:
@@ -52,10 +52,6 @@ def build_chain(ctx: StageContext, characters: dict[str, dict], stats: Stats) ->
         chain.append(FormatFilter(cfg.format))
     if cfg.length.enabled:
         chain.append(LengthFilter(cfg.length))
-    if cfg.dedup.exact or cfg.dedup.near:
-        dup_file = (ctx.extra or {}).get("dup_file")
-        stats.extra["dedup_scope"] = "run" if dup_file else "shard"
-        chain.append(dedup_mod.DedupFilter(cfg.dedup, dedup_mod.load_decisions(dup_file) if dup_file else None))
     if cfg.language.enabled:
         chain.append(LanguageFilter(cfg.language))
     if cfg.out_of_role.enabled:
@@ -78,7 +74,7 @@ class FilterStage(Stage):
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         fc = config.filter
-        fp: dict[str, Any] = {"version": VERSION, "filter": fc.model_dump(mode="json"),
+        fp: dict[str, Any] = {"version": VERSION, "filter": fc.model_dump(mode="json", exclude={"dedup"}),
                               "sessions": config.sessions.model_dump(mode="json")}
         if fc.enabled and fc.judge.enabled:
             ecfg = judge_engine_config(fc.judge, config.engine)
@@ -87,13 +83,6 @@ class FilterStage(Stage):
         if fc.enabled and fc.identity.enabled:
             fp["identity_model"] = fc.identity.model
         return fp
-
-    def prepare(self, config: RunConfig, home: Path, run_id: str,
-                upstream: dict[str, dict[int, str]]) -> dict[int, dict[str, Any]] | None:
-        fc = config.filter
-        if not fc.enabled or not (fc.dedup.exact or fc.dedup.near):
-            return None
-        return dedup_mod.prepare(fc.dedup, fc.format, home, run_id, upstream.get("responses") or {})
 
     def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
         t0 = time.perf_counter()

@@ -132,14 +132,14 @@ def assistant_token_mask(tokenizer, messages: list[dict[str, str]], max_length: 
 class SFTDataStage(Stage):
     name = "sft_data"
     output = SFTExample
-    inputs = {"filter": Session}
+    inputs = {"dedup": Session}
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         return {"sft": config.sft.model_dump(mode="json"), "seed": config.seed,
                 "template_model": template_model_name(config), "revision": config.engine.revision}
 
     def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
-        sessions = inputs["filter"]
+        sessions = inputs["dedup"]
         out = ShardOutput(rows=[])
         out.stats.rows_in = len(sessions)
         if not sessions:

@@ -42,7 +42,8 @@ def test_runs_page_and_api(client):
 def test_run_detail(client):
     c, ids = client
     d = c.get(f"/api/runs/{ids['run_failed']}").json()
-    assert [s["stage"] for s in d["stages"]] == ["characters", "queries", "responses", "filter", "sft_data"]
+    assert [s["stage"] for s in d["stages"]] == ["characters", "queries", "responses", "filter", "dedup",
+                                                  "sft_data"]
     resp = next(s for s in d["stages"] if s["stage"] == "responses")
     assert resp["shards"] == {"done": 1, "failed": 1, "running": 0, "pending": 0}
     failed = [g for g in resp["grid"] if g["status"] == "failed"]
@@ -151,9 +152,9 @@ def test_registered_path_outside_home_is_not_read(fake_home, tmp_path):
     import shutil
 
     with Catalog(home) as cat:
-        row = cat.shards(ids["run_ok"], "filter")[0]
+        row = cat.shards(ids["run_ok"], "dedup")[0]
         shutil.copy(row["path"], outside)
-        cat.con.execute("UPDATE shards SET path = ? WHERE run_id = ? AND stage = 'filter' AND shard = 0",
+        cat.con.execute("UPDATE shards SET path = ? WHERE run_id = ? AND stage = 'dedup' AND shard = 0",
                         [str(outside), ids["run_ok"]])
     with TestClient(create_app(home), raise_server_exceptions=False) as c:
         chars = c.get(f"/api/runs/{ids['run_ok']}/characters").json()

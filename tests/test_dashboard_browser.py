@@ -46,13 +46,13 @@ def test_click_through_a_run(browser, dashboard_server, tmp_path):
     page.wait_for_url(f"**/runs/{ids['run_failed']}")
     assert page.locator("#shard-grid .cell.failed").count() == 1
     assert "engine said no" in page.locator("#failures").inner_text()
-    assert page.locator("svg.funnel rect").count() == 10
+    assert page.locator("svg.funnel rect").count() == 12  # rows in and out for each of 6 stages
     page.screenshot(path=str(tmp_path / "run_failed.png"), full_page=True)
 
     page.goto(srv.url + "/")
     page.click(f"a.run-link:text('{ids['run_ok']}')")
     page.wait_for_url(f"**/runs/{ids['run_ok']}")
-    assert page.locator("#shard-grid .cell.done").count() == 10
+    assert page.locator("#shard-grid .cell.done").count() == 12  # 6 stages x 2 shards
     page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
 
     page.click("#samples-link")
@@ -87,14 +87,14 @@ def test_real_small_run(browser, tmp_path, fake_overrides, list_source, prefect_
     from tests.plugins.ops import ServerThread
 
     home = tmp_path / "home"
-    summary = run_build(overrides=[*fake_overrides, "filter.enabled=false"], home=home, until="filter")
+    summary = run_build(overrides=[*fake_overrides, "filter.enabled=false"], home=home, until="dedup")
     run_id = summary["run_id"]
     with ServerThread(create_app(home)) as srv:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(srv.url + "/")
         page.click(f"a.run-link:text('{run_id}')")
         page.wait_for_url(f"**/runs/{run_id}")
-        assert page.locator("#shard-grid .cell.done").count() == 4 * summary["num_shards"]
+        assert page.locator("#shard-grid .cell.done").count() == 5 * summary["num_shards"]
         assert page.locator("#shard-grid .cell.failed").count() == 0
         page.click("#samples-link")
         page.wait_for_url("**/samples")

@@ -156,7 +156,7 @@ def test_run_deployment_executes_build_dataset(prefect_server, tmp_path, chars_f
         cat_run = rd.run("nightly-test-1")
         assert cat_run["status"] == "completed" and cat_run["flow_run_id"] == str(fr.id)
         assert {s["stage"] for s in rd.stage_stats("nightly-test-1")} == {
-            "characters", "queries", "responses", "filter", "sft_data"}
+            "characters", "queries", "responses", "filter", "dedup", "sft_data"}
     # the flow published its per-stage artifacts under stable keys
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId

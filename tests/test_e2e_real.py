@@ -46,9 +46,13 @@ def test_five_bundled_characters_through_every_stage(tmp_path, vllm_engine):
     assert f["rows_in"] == len(turns) == f["rows_out"] + sum(f["dropped"].values())
     assert sum(len(x["turns"]) for x in sessions) == f["rows_out"] and len(rejected) >= sum(f["dropped"].values())
     assert sessions, "no session survived the filter"
+    d = st["dedup"]  # run-wide duplicates come out of the filtered sessions
+    final = _rows(home, "e2e", "dedup")
+    assert d["rows_in"] == f["rows_out"] == d["rows_out"] + sum(d["dropped"].values())
+    assert sum(len(x["turns"]) for x in final) == d["rows_out"]
     profiles = {f"{c['id']}@{c['language']}": c["summary"] for c in chars}
     examples = _rows(home, "e2e", "sft_data")
-    assert len(examples) == len(sessions)
+    assert len(examples) == len(final)
     for x in sessions:
         assert x["system"].startswith("You are ") and profiles[x["character_id"]][:60] not in x["system"]
     for ex in examples:  # the profile never reaches training data as context (answers may quote it)

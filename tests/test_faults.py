@@ -162,7 +162,7 @@ def test_run_completes_through_injected_faults_and_counts_them(tmp_path, overrid
     assert all(s["shards"]["done"] == 4 and not s["errors"] for s in st.values())
     assert st["queries"]["format_failures"] > 0  # malformed question JSON was re-sampled
     retried = catalog_rows(home, "SELECT count(*) AS n FROM shards WHERE run_id='faulty'")[0]["n"]
-    assert retried == 20
+    assert retried == 24  # one row per stage and shard (6 x 4): retries reuse the row
     # garbage answers that got through the responses stage were caught by the filter
     if counts.get("malformed.empty") or counts.get("malformed.cut_off"):
         assert sum(st["filter"]["dropped"].values()) > 0
@@ -234,13 +234,13 @@ def test_corrupted_catalog_run_says_repair_then_repair_restores_everything(tmp_p
     assert res.exit_code == 0 and json.loads(res.stdout)["run"]["status"] == "completed"
 
 
-@pytest.mark.parametrize("stage", ["characters", "queries", "responses", "filter"])
+@pytest.mark.parametrize("stage", ["characters", "queries", "responses", "filter", "dedup"])
 def test_deleted_shard_file_is_rebuilt_by_rerun(tmp_path, overrides, stage):
     home = tmp_path / "home"
     run_build(overrides=overrides, home=home, until="sft_data", run_id="d1")
-    before = stage_content(home, "d1", ["characters", "queries", "responses", "filter", "sft_data"])
+    before = stage_content(home, "d1", ["characters", "queries", "responses", "filter", "dedup", "sft_data"])
     victim = _shards(home, "d1", stage)[2]
-    stages = ["characters", "queries", "responses", "filter", "sft_data"]
+    stages = ["characters", "queries", "responses", "filter", "dedup", "sft_data"]
     later = stages[stages.index(stage) + 1:]
     untouched = {s: {k: r["finished_at"] for k, r in _shards(home, "d1", s).items() if k != 2}
                  for s in stages[1:] if s != stage}

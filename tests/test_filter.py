@@ -1,20 +1,14 @@
-"""The filter stage: each filter on hand-written English and Chinese cases, the run-wide dedup across
-shards, the funnel, re-thresholding from stored scores, the judge, min_turns."""
+"""The filter stage: each filter on hand-written English and Chinese cases, the funnel, re-thresholding
+from stored scores, the judge, min_turns. Run-wide dedup (the next stage) is in tests/test_dedup.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 
-from models.base import to_table
-from models.records import Rejection, Session, Turn
-from storage.shards import write_table
+from models.records import Rejection, Session
 from tasks.filter import FilterStage, rethreshold
 from tasks.filters import Item
 from tasks.filters.basic import FormatFilter, LanguageFilter, LengthFilter
-from tasks.filters.dedup import minhash_batch, shingles
 from tasks.filters.judge import parse
 from tasks.filters.role import OutOfRoleFilter, RefusalFilter
 from tests.plugins.filters import CHARACTERS, GOOD, REFUSALS, filter_config, make_turn, stage_context
@@ -193,78 +187,6 @@ def test_identity_candidates_are_stable_and_respect_k():
     assert f.candidates(it)[1] == "Q937@en"  # the only other real English character comes first
 
 
-# ---- dedup -------------------------------------------------------------------------------------------
-
-def test_minhash_matches_datasketch():
-    from datasketch import MinHash
-
-    sets = [shingles("the quick brown fox jumps over the lazy dog", 3), shingles("我一生好饮酒作诗", 3),
-            np.empty(0, np.uint32)]
-    sig = minhash_batch(sets, 128, 1)
-    for s, row in zip(sets[:2], sig[:2], strict=True):
-        m = MinHash(num_perm=128, seed=1, hashfunc=lambda x: int(x))
-        m.update_batch(s.tolist())
-        assert np.array_equal(m.hashvalues, row)
-    assert (sig[2] == np.iinfo(np.uint32).max).all()
-
-
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_vectorised_signatures_equal_per_document_minhash(n):
-    from models.config.filter import DedupConfig
-    from tasks.filters.dedup import signatures
-
-    texts = list(GOOD.values()) + list(REFUSALS.values()) + ["", "one", "two words", "我", "我们", "?!"]
-    cfg = DedupConfig(shingle=n)
-    assert np.array_equal(signatures(texts, cfg, batch=5, chunk=64),
-                          minhash_batch([shingles(t, n) for t in texts], cfg.num_perm, cfg.seed))
-
-
-def _write_shard(home, shard, turns):
-    path = home / "responses" / f"part-{shard:05d}.parquet"
-    write_table(to_table(turns, Turn), path)
-    return str(path)
-
-
-def test_dedup_across_shards(tmp_path):
-    base = ("I remember the cold morning at Austerlitz when the fog lifted and the sun rose over the Pratzen "
-            "heights, and my soldiers cheered as the enemy center broke before noon.")
-    near = base.replace("cold morning", "freezing morning").replace("before noon", "before midday")
-    zh = "我一生好饮酒，举杯邀明月，对影成三人，写下了《将进酒》，诗酒相伴便是我最大的快乐，月下独酌最是逍遥。"
-    zh_near = zh.replace("最大的", "最深的")
-    shards = {
-        0: [make_turn("Q517@en", base), make_turn("Q7071@zh", zh), make_turn("Q4653@en", GOOD["Q4653@en"])],
-        1: [make_turn("Q937@en", near), make_turn("Q935@zh", zh_near), make_turn("Q11@en", GOOD["Q11@en"])],
-        2: [make_turn("Q1107@zh", zh.upper() + "！"), make_turn("Q1200@zh", GOOD["Q1200@zh"]),
-            make_turn("Q517@en", base + "  ", n=1)],
-    }
-    stage = FilterStage()
-    cfg = filter_config(refusal={"enabled": False}, out_of_role={"enabled": False})
-    up = {"responses": {s: _write_shard(tmp_path, s, t) for s, t in shards.items()}, "characters": {}}
-    plan = stage.prepare(cfg, tmp_path, "r1", up)
-    assert set(plan) == {0, 1, 2} and all(p["dup_file"].startswith(str(tmp_path / "runs/r1/filter_global"))
-                                         for p in plan.values())
-    assert list((tmp_path / "runs/r1/filter_global/signatures").rglob("*.parquet"))
-    outs = {s: run(tmp_path, t, cfg, extra=plan[s], shard=s) for s, t in shards.items()}
-    drops = [(r.filter, r.text) for o in outs.values() for r in o.rejects]
-    # one copy of each group survives: 4 of the 6 planted copies go, whatever shard they sit in
-    assert sorted(f for f, _ in drops) == ["exact_dup", "exact_dup", "near_dup", "near_dup"]
-    kept = {t.answer for o in outs.values() for s in o.rows for t in s.turns}
-    assert len(kept & {base, base + "  ".strip(), near}) == 1 and len(kept & {zh, zh_near, zh.upper() + "！"}) == 1
-    assert all(o.stats.extra["dedup_scope"] == "run" and funnel_ok(o) for o in outs.values())
-    # the same inputs give the same decisions and digests; a changed shard changes them
-    assert stage.prepare(cfg, tmp_path, "r1", up) == plan
-    shards[2][0] = make_turn("Q1107@zh", GOOD["Q1107@zh"])
-    up["responses"][2] = _write_shard(tmp_path / "v2", 2, shards[2])
-    plan2 = stage.prepare(cfg, tmp_path, "r1", up)
-    assert plan2[2]["digest"] != plan[2]["digest"]
-
-
-def test_dedup_within_shard_without_global_step(tmp_path):
-    t = [make_turn("Q517@en", GOOD["Q517@en"]), make_turn("Q937@en", GOOD["Q517@en"].upper())]
-    out = run(tmp_path, t, filter_config(refusal={"enabled": False}))
-    assert out.stats.dropped == {"exact_dup": 1} and out.stats.extra["dedup_scope"] == "shard"
-
-
 # ---- the funnel, sessions, min_turns -----------------------------------------------------------------
 
 OWN_REFUSALS = {
@@ -388,55 +310,3 @@ def test_fingerprint_covers_config_prompts_and_judge_model():
     judged_elsewhere = filter_config(judge={"enabled": True, "engine": {"kind": "fake", "model": "big",
                                                                          "options": {"x": 1}}})
     assert stage.fingerprint(judged_elsewhere)["judge"]["model"] != fp["judge"]["model"]
-
-
-def test_dedup_signatures_follow_the_shard_content_not_its_path(tmp_path, monkeypatch):
-    """A responses shard regenerated at the same path (same turn ids, other sampled text) is signed again;
-    an unchanged shard reuses its signatures."""
-    from tasks.filters import dedup
-
-    base = ("I remember the cold morning at Austerlitz when the fog lifted and the sun rose over the Pratzen "
-            "heights, and my soldiers cheered as the enemy center broke before noon.")
-    first = [make_turn("Q517@en", base)]
-    other = [make_turn("Q937@en", GOOD["Q11@en"])]
-    up = {"responses": {0: _write_shard(tmp_path, 0, first), 1: _write_shard(tmp_path, 1, other)},
-          "characters": {}}
-    cfg = filter_config(refusal={"enabled": False}, out_of_role={"enabled": False})
-    stage = FilterStage()
-    signed = []
-    real = dedup._sign_all
-    monkeypatch.setattr(dedup, "_sign_all", lambda todo, *a: (signed.append(len(todo)), real(todo, *a)))
-    decided = []
-    real_decide = dedup.decide
-    monkeypatch.setattr(dedup, "decide", lambda *a: (decided.append(1), real_decide(*a))[1])
-    plan = stage.prepare(cfg, tmp_path, "r1", up)
-    assert signed == [2] and decided == [1] and not dedup.load_decisions(plan[1]["dup_file"])
-    # nothing changed upstream (a rerun): the finished step's decisions and digests stand, nothing is signed
-    # or decided again
-    assert stage.prepare(cfg, tmp_path, "r1", up) == plan and signed == [2] and decided == [1]
-    # a decisions part lost (a step killed while writing them): decided again, signatures reused
-    Path(plan[1]["dup_file"]).unlink()
-    assert stage.prepare(cfg, tmp_path, "r1", up) == plan and signed == [2, 0] and decided == [1, 1]
-
-    # shard 1 regenerated at the same path with the same turn id: now it duplicates shard 0
-    again = [{**make_turn("Q937@en", base), "id": other[0]["id"]}]
-    assert _write_shard(tmp_path, 1, again) == up["responses"][1]
-    plan2 = stage.prepare(cfg, tmp_path, "r1", up)
-    assert signed == [2, 0, 1] and decided == [1, 1, 1]
-    decisions = [d for s in (0, 1) for d in dedup.load_decisions(plan2[s]["dup_file"]).values()]
-    assert [d["filter"] for d in decisions] == ["exact_dup"]  # whichever id is smaller is kept
-    assert {d["id"] for d in decisions} | {d["dup_of"] for d in decisions} == {first[0]["id"], other[0]["id"]}
-
-
-def test_shard_fingerprint_changes_with_content_even_at_the_same_size_and_mtime(tmp_path):
-    import os
-
-    from tasks.filters.dedup import shard_fingerprint
-
-    path = _write_shard(tmp_path, 0, [make_turn("Q517@en", "a" * 200)])
-    st = os.stat(path)
-    before = shard_fingerprint(path)
-    assert shard_fingerprint(path) == before
-    _write_shard(tmp_path, 0, [{**make_turn("Q517@en", "b" * 200), "id": make_turn("Q517@en", "a" * 200)["id"]}])
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert shard_fingerprint(path) != before

@@ -38,7 +38,7 @@ def tokenizer(tiny_model_dir):
 
 def _run_stage(config, sessions, shard=0):
     ctx = StageContext(run_id="r", stage="sft_data", shard=shard, num_shards=1, config=config, home=None)
-    return SFTDataStage().run(ctx, {"filter": sessions})
+    return SFTDataStage().run(ctx, {"dedup": sessions})
 
 
 def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer):

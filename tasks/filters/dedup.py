@@ -1,15 +1,17 @@
-"""Exact and near-duplicate detection across the whole run.
+"""Exact and near-duplicate detection across the whole run (the `dedup` stage's algorithm).
 
 Signatures: tokens (words; CJK characters) -> n-gram shingles hashed to uint32 -> MinHash with datasketch's
 "affine32" scheme (its permutations, its murmur3 pre-mix; `minhash_batch` equals datasketch's
 `MinHash.update_batch` value for value, vectorised over many documents). The LSH banding parameters are
 datasketch's optimum for the threshold (`MinHashLSH(threshold, num_perm).b, .r`).
 
-The global step streams the responses shard by shard, writes one signature table per shard under
-`<home>/runs/<run>/filter_global/signatures/` (reused while the input shard's content, as `shard_fingerprint`
-sees it, and the dedup config are the same),
-then runs one banding pass over all of them in NumPy instead of datasketch's dict-of-lists index, and
-writes each shard's decisions (turn id -> exact_dup/near_dup of which id).
+The global step streams the filter stage's sessions shard by shard (only turns that passed every per-turn
+filter, answers as kept), writes one signature table per shard under
+`<home>/runs/<run>/dedup_global/signatures/` (reused while the input shard's content, as
+`shard_fingerprint` sees it, and the dedup config are the same), then runs one banding pass over all of
+them in NumPy instead of datasketch's dict-of-lists index, and writes each shard's decisions (turn id ->
+exact_dup/near_dup of which id). A step that finds every input shard as a finished step left it reuses
+that step's decisions.
 
 Memory at 128 permutations: signatures are 512 bytes per turn (36k turns: 18 MiB; 3.6M turns: 1.8 GiB),
 plus per band one uint64 key and a few int64 index arrays per turn (~150 MiB at 3.6M), and the turn ids as
@@ -18,8 +20,8 @@ number of bands, which are processed one at a time.
 Time is dominated by signing (vectorised, ~tens of thousands of turns/s per core).
 
 The kept copy of a duplicate group is the one with the smallest turn id (content hash: stable from run to
-run and independent of sharding). Turns failing the format check are left out of dedup so a broken copy
-never suppresses a good one.
+run and independent of sharding). Only turns that passed the per-turn filters take part, so a copy that
+failed any of them never suppresses a good one.
 """
 
 from __future__ import annotations
@@ -38,11 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.config.filter import DedupConfig, FormatFilterConfig
+from models.config.filter import DedupConfig
 from models.ids import content_hash
 from storage.shards import write_table
-from tasks.filters import Drop, Filter, Item
-from tasks.filters.basic import format_check
 from tasks.filters.text import exact_hash, tokens
 
 _U32 = np.uint32
@@ -235,37 +235,40 @@ def decide(ids: list[str], exact: np.ndarray, sig: np.ndarray, cfg: DedupConfig)
 
 # ---- the global step ---------------------------------------------------------------------------------
 
-def _signature_table(path: str, dcfg: DedupConfig, fcfg: FormatFilterConfig) -> pa.Table:
-    t = pq.read_table(path, columns=["id", "answer", "gen.finish_reason"])
-    ids = t.column("id").to_pylist()
-    answers = t.column("answer").to_pylist()
-    finish = t.column(t.num_columns - 1).to_pylist()
-    keep_ids, texts = [], []
-    for i, a, f in zip(ids, answers, finish, strict=True):
-        text, drop, _ = format_check(a, f or "", fcfg)
-        if drop is None:
-            keep_ids.append(i)
-            texts.append(text)
+def _signature_table(path: str, dcfg: DedupConfig) -> pa.Table:
+    """Turn ids, exact hashes and signatures of the turns in one shard of sessions."""
+    turns = pc.list_flatten(pq.read_table(path, columns=["turns"]).column("turns"))
+    ids = pc.struct_field(turns, "turn_id").to_pylist()
+    texts = pc.struct_field(turns, "answer").to_pylist()
     sig = signatures(texts, dcfg)
     flat = pa.array(sig.reshape(-1), type=pa.uint32())
-    return pa.table({"id": pa.array(keep_ids, pa.string()),
+    return pa.table({"id": pa.array(ids, pa.string()),
                      "exact": pa.array([exact_hash(x) for x in texts], pa.int64()),
                      "sig": pa.FixedSizeListArray.from_arrays(flat, dcfg.num_perm)})
 
 
-def _sign_shard(job: tuple[str, str, dict, dict]) -> str:
-    src, dst, dcfg, fcfg = job
-    write_table(_signature_table(src, DedupConfig.model_validate(dcfg), FormatFilterConfig.model_validate(fcfg)),
-                Path(dst))
+def _turn_count(path: str) -> int:
+    """Turns in a shard of sessions, from the Parquet footer (values of the turns.turn_id leaf column)."""
+    meta = pq.read_metadata(path)
+    col = next((i for i in range(meta.num_columns) if meta.schema.column(i).path.startswith("turns.")
+                and meta.schema.column(i).path.endswith(".turn_id")), None)
+    if col is None:
+        return meta.num_rows
+    return sum(meta.row_group(g).column(col).num_values for g in range(meta.num_row_groups))
+
+
+def _sign_shard(job: tuple[str, str, dict]) -> str:
+    src, dst, dcfg = job
+    write_table(_signature_table(src, DedupConfig.model_validate(dcfg)), Path(dst))
     return dst
 
 
-def _sign_all(todo: list[tuple[str, Path]], dcfg: DedupConfig, fcfg: FormatFilterConfig) -> None:
-    jobs = [(src, str(dst), dcfg.model_dump(mode="json"), fcfg.model_dump(mode="json")) for src, dst in todo]
+def _sign_all(todo: list[tuple[str, Path]], dcfg: DedupConfig) -> None:
+    jobs = [(src, str(dst), dcfg.model_dump(mode="json")) for src, dst in todo]
     workers = dcfg.workers
     if workers == 0:
-        rows = sum(pq.read_metadata(src).num_rows for src, _ in todo)
-        workers = min(os.cpu_count() or 1, len(todo)) if rows >= 20_000 else 1
+        turns = sum(_turn_count(src) for src, _ in todo)
+        workers = min(os.cpu_count() or 1, len(todo)) if turns >= 20_000 else 1
     if workers <= 1 or len(jobs) <= 1:
         for j in jobs:
             _sign_shard(j)
@@ -294,11 +297,11 @@ def shard_fingerprint(path: str | Path) -> str:
     return content_hash([str(p), st.st_size, st.st_mtime_ns, hashlib.sha256(footer + tail).hexdigest()], 16)
 
 
-def prepare(dcfg: DedupConfig, fcfg: FormatFilterConfig, home: Path, run_id: str,
-            shards: dict[int, str]) -> dict[int, dict[str, Any]]:
-    root = Path(home) / "runs" / run_id / "filter_global"
-    sig_key = content_hash({"dedup": dcfg.model_dump(mode="json"), "format": fcfg.model_dump(mode="json"),
-                            "algo": 1})
+def prepare(dcfg: DedupConfig, home: Path, run_id: str, shards: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """The global step over the filter stage's session shards: per shard, the decisions file and a
+    digest of its decisions (the digest enters the dedup shard's key)."""
+    root = Path(home) / "runs" / run_id / "dedup_global"
+    sig_key = content_hash({"dedup": dcfg.model_dump(mode="json"), "algo": 2})
     shard_ids = sorted(int(s) for s in shards)
     prints = {s: shard_fingerprint(shards[s]) for s in shard_ids}
     run_key = content_hash([sig_key, [[s, prints[s]] for s in shard_ids]])
@@ -309,7 +312,7 @@ def prepare(dcfg: DedupConfig, fcfg: FormatFilterConfig, home: Path, run_id: str
         return {s: {"dup_file": str(p), "digest": content_hash(pq.read_table(p).to_pylist())}
                 for s, p in dec_paths.items()}
     sig_paths = {s: root / "signatures" / sig_key / f"part-{s:05d}-{prints[s]}.parquet" for s in shard_ids}
-    _sign_all([(str(shards[s]), p) for s, p in sig_paths.items() if not p.exists()], dcfg, fcfg)
+    _sign_all([(str(shards[s]), p) for s, p in sig_paths.items() if not p.exists()], dcfg)
     id_chunks, exact_chunks, sig_chunks, owner = [], [], [], []
     for s in shard_ids:
         t = pq.read_table(sig_paths[s])
@@ -339,29 +342,7 @@ def load_decisions(path: str | Path) -> dict[str, dict[str, Any]]:
     return {d["id"]: d for d in pq.read_table(path).to_pylist()}
 
 
-def shard_decisions(items: list[Item], dcfg: DedupConfig) -> dict[str, dict[str, Any]]:
+def shard_decisions(ids: list[str], texts: list[str], dcfg: DedupConfig) -> dict[str, dict[str, Any]]:
     """Decisions within one shard: the fallback when the global step did not run."""
-    ids = [it.id for it in items]
-    texts = [it.answer for it in items]
     exact = np.array([exact_hash(t) for t in texts], dtype=np.int64)
     return {d["id"]: d for d in decide(ids, exact, signatures(texts, dcfg), dcfg)}
-
-
-class DedupFilter(Filter):
-    name = "dedup"
-
-    def __init__(self, dcfg: DedupConfig, decisions: dict[str, dict[str, Any]] | None):
-        self.cfg = dcfg
-        self.decisions = decisions
-
-    def apply(self, items: list[Item]) -> list[Drop | None]:
-        decisions = self.decisions if self.decisions is not None else shard_decisions(items, self.cfg)
-        out: list[Drop | None] = []
-        for it in items:
-            d = decisions.get(it.id)
-            if d is None or (d["filter"] == "exact_dup" and not self.cfg.exact) or \
-                    (d["filter"] == "near_dup" and not self.cfg.near):
-                out.append(None)
-            else:
-                out.append(Drop(d["filter"], f"duplicate of {d['dup_of']}", d["score"]))
-        return out

@@ -27,7 +27,7 @@ CHARACTERS = [
     ("Q3", "Napoleon", "en", "real"),
     ("Q4", "孙悟空", "zh", "fictional"),
 ]
-STAGES = ["characters", "queries", "responses", "filter", "sft_data"]
+STAGES = ["characters", "queries", "responses", "filter", "dedup", "sft_data"]
 
 
 class _IdRow(Record):
@@ -69,7 +69,7 @@ def build_fake_home(home: Path) -> dict:
                     if failed and stage == "responses" and shard == 1:
                         cat.mark_failed(run_id, stage, shard, ih, "ValueError: engine said no <script>x</script>")
                         continue
-                    if failed and stage in ("filter", "sft_data"):
+                    if failed and stage in ("filter", "dedup", "sft_data"):
                         continue
                     rejects_path, n_rej = None, 0
                     if stage == "filter":
@@ -83,6 +83,9 @@ def build_fake_home(home: Path) -> dict:
                         write_table(to_table(rejects, Rejection), rp)
                         rejects_path, n_rej = str(rp), len(rejects)
                         stats = _stats(len(chars) * 4, len(chars) * 3, {"judge": len(chars)})
+                    elif stage == "dedup":  # no duplicates: the filter's sessions pass through
+                        table = to_table([_session(q, label, lang, c) for q, label, lang, c in chars], Session)
+                        stats = _stats(len(chars) * 3, len(chars) * 3)
                     else:
                         table = to_table([{"id": q} for q, *_ in chars], _IdRow)
                         tokens = 1000 * (shard + 1) if stage in ("queries", "responses") else 0

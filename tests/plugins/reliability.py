@@ -27,8 +27,10 @@ from typing import Any
 
 import pytest
 
+from flows.stages import STAGE_ORDER
+
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["characters", "queries", "responses", "filter", "sft_data"]
+STAGES = list(STAGE_ORDER)
 
 
 def characters_file(path: Path, n: int = 12) -> Path:

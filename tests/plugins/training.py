@@ -140,7 +140,7 @@ register_engine("scripted", "tests.plugins.training:ScriptedJudge")
 
 def build_run(home: Path, run_id: str, *, characters: list[dict], sessions: list[dict],
               config: RunConfig, sft_rows: list | None = None, num_shards: int = 2) -> None:
-    """Write characters / filter / sft_data shards of a run and register them, as the build flow does."""
+    """Write characters / dedup (sessions) / sft_data shards of a run and register them, as the build flow does."""
     from tasks.base import StageContext
     from tasks.sft_data import SFTDataStage
 
@@ -153,8 +153,8 @@ def build_run(home: Path, run_id: str, *, characters: list[dict], sessions: list
             sess = [s for s in sessions if s["character_id"] in cids]
             ctx = StageContext(run_id=run_id, stage="sft_data", shard=shard, num_shards=num_shards, config=config,
                                home=home)
-            out = stage.run(ctx, {"filter": sess})
-            for name, rows, model in (("characters", chars, Character), ("filter", sess, Session),
+            out = stage.run(ctx, {"dedup": sess})
+            for name, rows, model in (("characters", chars, Character), ("dedup", sess, Session),
                                       ("sft_data", out.rows, SFTExample)):
                 h = f"h{name}{shard}"
                 path = shard_path(home, run_id, name, h, shard)
