@@ -1,6 +1,6 @@
 """Orchestration overhead of build_dataset with the zero-cost fake engine.
 
-The full DAG (characters -> queries -> responses -> filter -> sft_data) runs in this process through
+The full DAG (characters -> queries -> responses -> filter -> dedup -> sft_data) runs in this process through
 `run_build`, Prefect included. Every stage's own work (SourceStage.collect, Stage.prepare, Stage.run)
 is timed from the inside; the union of those intervals is "stage time", everything else (Prefect task
 submission and state tracking, Parquet reads/writes, catalog registration and snapshots) is

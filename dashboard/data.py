@@ -15,13 +15,13 @@ from typing import Any
 
 import duckdb
 
+from flows.stages import STAGE_ORDER
 from models.base import table_rows
 from storage.catalog import now
 from storage.reader import CatalogReader
 
 logger = logging.getLogger("ditto.dashboard")
 
-STAGE_ORDER = ["characters", "queries", "responses", "filter", "dedup", "sft_data"]
 SESSIONS_STAGE = "dedup"  # its shards hold the final Session rows
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STAGE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")

@@ -1,4 +1,4 @@
-"""The nightly `build_dataset` DAG: characters -> queries -> responses -> filter -> sft_data.
+"""The nightly `build_dataset` DAG: characters -> queries -> responses -> filter -> dedup -> sft_data.
 
 One Prefect task per shard (never per prompt), run in a bounded ThreadPoolTaskRunner. Tasks write
 Parquet atomically and return small metadata; this flow process is the only writer of the catalog and

@@ -151,7 +151,7 @@ def run(config: Annotated[Path | None, typer.Argument(help="run config YAML (def
         home: HomeOpt = None, run_id: Annotated[str | None, typer.Option("--run-id")] = None,
         fresh: Annotated[bool, typer.Option(help="regenerate even where an identical shard exists")] = False,
         as_json: JsonOpt = False, verbose: bool = False) -> None:
-    """Run build_dataset (characters -> queries -> responses -> filter -> sft_data)."""
+    """Run build_dataset (characters -> queries -> responses -> filter -> dedup -> sft_data)."""
     from flows.build import new_run_id, run_build
 
     run_id = run_id or new_run_id()  # known up front, so a failed run can still be reported
