@@ -1,21 +1,36 @@
-"""The engine contract.
+"""The engine contract (one interface, a registry of engines).
 
-    generate(chats, sampling) -> list[Generation]     one Generation per chat and sample, chat-major
+    submit(chat, sampling) -> Future[Generation]        one request (sampling.n == 1); the result arrives
+                                                        as soon as that request finishes
+    generate(chats, sampling) -> list[Generation]       submit all, wait for all; chat-major over n
+
+Streaming engines (in-process vLLM on AsyncLLM, the OpenAI-compatible pool, the transformers engine's
+request queue) override `_submit`; plain batch engines implement only `_generate`, and their `submit`
+completes synchronously. There is no batch barrier in front of an engine: a freed decode slot is filled
+by whatever request any shard task submitted next.
 
 Engines are chosen by name from ENGINES (kind -> "module:Class", imported lazily so torch/vllm load
 only when used). `get_engine(config)` keeps one loaded engine per process and config: vLLM start-up
-is 80-100 s on CPU, so every shard of a run reuses it. In-process engines are wrapped in a
-`Coalescer` so concurrent shard tasks share full batches instead of queueing behind a lock.
+is 80-100 s on CPU, so every shard of a run reuses it.
+
+Metrics (for the flow's per-stage records): `engine.metrics(label=None) -> EngineMetrics` is a snapshot
+of monotone counters (requests, tokens, busy seconds = wall time with at least one request in the
+engine, request-seconds = the time integral of requests in the engine, re-sampled requests =
+submissions with `Sampling.attempt > 1`). `after - before` is the delta over an interval. Requests
+carry the label that was current (`with metrics_label("queries"):`) in the thread that submitted
+them, so stages that overlap in time are still accounted apart: `engine.metrics("queries")`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import threading
 import time
-from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +52,8 @@ class Sampling(BaseModel):
     n: int = 1
     json_schema: dict[str, Any] | None = Field(None, description="guided decoding: output must match this schema")
     stop: tuple[str, ...] | None = None
+    attempt: int = Field(1, ge=1, description="re-sampling round of this request (engines ignore it; the "
+                                              "generation cache keys on it, so a re-sample is a new draw)")
 
     def key(self) -> str:
         return content_hash(self.model_dump(mode="json"))
@@ -49,6 +66,7 @@ class Generation:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     model: str = ""
+    cached: bool = False
 
 
 class EngineError(RuntimeError):
@@ -56,7 +74,11 @@ class EngineError(RuntimeError):
 
 
 class TransientEngineError(EngineError):
-    """Timeouts, connection errors, 429/5xx: Prefect retries the shard."""
+    """Timeouts, connection errors, 429/5xx: retried per request, then Prefect retries the shard."""
+
+
+class EngineClosed(EngineError):
+    """The engine was closed (run killed or finished) while the request was outstanding."""
 
 
 TRANSIENT_NAMES = {"TimeoutError", "ConnectionError", "APITimeoutError", "APIConnectionError", "RateLimitError",
@@ -68,6 +90,8 @@ def is_transient(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, EngineClosed):
+            return False
         if isinstance(exc, TransientEngineError | TimeoutError | ConnectionError):
             return True
         if type(exc).__name__ in TRANSIENT_NAMES:
@@ -79,120 +103,261 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-class Engine(ABC):
+# -- futures ------------------------------------------------------------------------------------------
+def done_future(result: Any = None, exc: BaseException | None = None) -> Future:
+    fut: Future = Future()
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+    return fut
+
+
+def wait_all(futures: list[Future]) -> list[Any]:
+    """Every result in order; on the first failure the other requests are cancelled and it is raised."""
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+_label: contextvars.ContextVar[str] = contextvars.ContextVar("engine_metrics_label", default="")
+
+
+@contextlib.contextmanager
+def metrics_label(label: str) -> Iterator[None]:
+    """Requests submitted from this context are also accounted under `label` (e.g. the stage name)."""
+    token = _label.set(label)
+    try:
+        yield
+    finally:
+        _label.reset(token)
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """Monotone counters; subtract two snapshots for an interval (in_flight is the later one's)."""
+
+    requests: int = 0            # finished (ok or failed)
+    failed: int = 0
+    resampled: int = 0           # submitted with Sampling.attempt > 1
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    busy_seconds: float = 0.0    # wall seconds with at least one request in the engine
+    request_seconds: float = 0.0  # integral over time of the requests in the engine (running or queued)
+    in_flight: int = 0
+
+    def __sub__(self, other: EngineMetrics) -> EngineMetrics:
+        vals = {f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)}
+        vals["in_flight"] = self.in_flight
+        return EngineMetrics(**vals)
+
+    def __add__(self, other: EngineMetrics) -> EngineMetrics:
+        return EngineMetrics(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    @property
+    def mean_running(self) -> float:
+        """Mean requests in the engine while it was busy."""
+        return self.request_seconds / self.busy_seconds if self.busy_seconds else 0.0
+
+    @property
+    def tokens_per_busy_second(self) -> float:
+        return self.completion_tokens / self.busy_seconds if self.busy_seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "failed": self.failed, "resampled": self.resampled,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "busy_seconds": round(self.busy_seconds, 4), "mean_running": round(self.mean_running, 3),
+                "tokens_per_busy_second": round(self.tokens_per_busy_second, 2)}
+
+
+class _Gauge:
+    __slots__ = ("in_flight", "since", "busy", "area", "requests", "failed", "resampled", "prompt", "completion")
+
+    def __init__(self) -> None:
+        self.in_flight, self.since, self.busy, self.area = 0, 0.0, 0.0, 0.0
+        self.requests = self.failed = self.resampled = self.prompt = self.completion = 0
+
+    def advance(self, now: float) -> None:
+        if self.in_flight:
+            dt = now - self.since
+            self.busy += dt
+            self.area += dt * self.in_flight
+        self.since = now
+
+    def snapshot(self, now: float) -> EngineMetrics:
+        self.advance(now)
+        return EngineMetrics(self.requests, self.failed, self.resampled, self.prompt, self.completion,
+                             self.busy, self.area, self.in_flight)
+
+
+class Meter:
+    """Counts requests in and out of an engine, in total and per metrics label. Thread-safe."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._total = _Gauge()
+        self._labels: dict[str, _Gauge] = {}
+
+    def _gauges(self, label: str) -> tuple[_Gauge, ...]:
+        if not label:
+            return (self._total,)
+        g = self._labels.get(label)
+        if g is None:
+            g = self._labels[label] = _Gauge()
+        return self._total, g
+
+    def start(self, sampling: Sampling) -> str:
+        label = _label.get()
+        with self._lock:
+            now = self.clock()
+            for g in self._gauges(label):
+                g.advance(now)
+                g.in_flight += 1
+                if sampling.attempt > 1:
+                    g.resampled += 1
+        return label
+
+    def finish(self, label: str, fut: Future) -> None:
+        gen = None if fut.cancelled() or fut.exception() is not None else fut.result()
+        with self._lock:
+            now = self.clock()
+            for g in self._gauges(label):
+                g.advance(now)
+                g.in_flight -= 1
+                g.requests += 1
+                if gen is None:
+                    g.failed += 1
+                else:
+                    g.prompt += gen.prompt_tokens
+                    g.completion += gen.completion_tokens
+
+    def snapshot(self, label: str | None = None) -> EngineMetrics:
+        with self._lock:
+            now = self.clock()
+            if label is None:
+                return self._total.snapshot(now)
+            g = self._labels.get(label)
+            return g.snapshot(now) if g is not None else EngineMetrics()
+
+    def labels(self) -> list[str]:
+        with self._lock:
+            return sorted(self._labels)
+
+
+# -- engines ------------------------------------------------------------------------------------------
+class Engine:
     kind: ClassVar[str] = ""
-    in_process: ClassVar[bool] = True  # False for remote clients: no coalescing needed
+    in_process: ClassVar[bool] = True  # False for remote clients and test engines
 
     def __init__(self, config: EngineConfig):
         self.config = config
         self.loads = 0  # how many times load() ran: tests assert the model is loaded once per run
-        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "seconds": 0.0}
-        self._stats_lock = threading.Lock()
+        self.meter = Meter()
 
     @property
     def model_id(self) -> str:
         """What goes into shard hashes: the model and its revision."""
         return f"{self.config.model}@{self.config.revision or 'main'}"
 
-    @abstractmethod
-    def load(self) -> None:
+    def load(self) -> None:  # noqa: B027 - optional hook
         """Import heavy libraries and load the model. Called once."""
 
-    @abstractmethod
+    @property
+    def streaming(self) -> bool:
+        return type(self)._submit is not Engine._submit
+
     def _generate(self, chats: list[list[Message]], sampling: list[Sampling]) -> list[Generation]:
-        """One Generation per chat (sampling[i].n == 1 here; the wrapper expands n)."""
+        """Batch engines: one Generation per chat (sampling[i].n == 1 here)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _submit nor _generate")
+
+    def _submit(self, chat: list[Message], sampling: Sampling) -> Future:
+        """Streaming engines: start one request, return its Future. The default runs it synchronously."""
+        try:
+            return done_future(self._generate([chat], [sampling])[0])
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future
+            return done_future(exc=exc)
+
+    def submit(self, chat: list[Message], sampling: Sampling) -> Future:
+        if sampling.n != 1:
+            raise ValueError("submit() takes one request: Sampling.n must be 1 (generate() expands n)")
+        label = self.meter.start(sampling)
+        try:
+            fut = self._submit(chat, sampling)
+        except BaseException as exc:  # noqa: BLE001
+            fut = done_future(exc=exc)
+        fut.add_done_callback(lambda f: self.meter.finish(label, f))
+        return fut
 
     def generate(self, chats: list[list[Message]], sampling: Sampling | list[Sampling]) -> list[Generation]:
-        params = sampling if isinstance(sampling, list) else [sampling] * len(chats)
-        if len(params) != len(chats):
-            raise ValueError("one Sampling per chat, or one for all")
-        flat_chats, flat_params = [], []
-        for chat, sp in zip(chats, params, strict=True):
-            for _ in range(sp.n):
-                flat_chats.append(chat)
-                flat_params.append(sp.model_copy(update={"n": 1}) if sp.n != 1 else sp)
+        flat_chats, flat_params = expand(chats, sampling)
         if not flat_chats:
             return []
-        t0 = time.perf_counter()
-        out = self._generate(flat_chats, flat_params)
-        with self._stats_lock:
-            self.stats["requests"] += len(out)
-            self.stats["prompt_tokens"] += sum(g.prompt_tokens for g in out)
-            self.stats["completion_tokens"] += sum(g.completion_tokens for g in out)
-            self.stats["seconds"] += time.perf_counter() - t0
+        if self.streaming:
+            return wait_all([self.submit(c, p) for c, p in zip(flat_chats, flat_params, strict=True)])
+        labels = [self.meter.start(p) for p in flat_params]
+        try:
+            out = self._generate(flat_chats, flat_params)
+        except BaseException as exc:
+            for label in labels:
+                self.meter.finish(label, done_future(exc=exc))
+            raise
+        for label, g in zip(labels, out, strict=True):
+            self.meter.finish(label, done_future(g))
         return out
+
+    def metrics(self, label: str | None = None) -> EngineMetrics:
+        """Snapshot of this engine's counters, in total or for one metrics label."""
+        return self.meter.snapshot(label)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        m = self.metrics()
+        return {"requests": m.requests, "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
+                "seconds": m.busy_seconds}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
 
-@dataclass
-class _Request:
-    chats: list[list[Message]]
-    params: list[Sampling]
-    future: Future = field(default_factory=Future)
+def expand(chats: list[list[Message]], sampling: Sampling | list[Sampling]) -> tuple[list, list[Sampling]]:
+    """One (chat, Sampling with n=1) per generation, chat-major."""
+    params = sampling if isinstance(sampling, list) else [sampling] * len(chats)
+    if len(params) != len(chats):
+        raise ValueError("one Sampling per chat, or one for all")
+    flat_chats, flat_params = [], []
+    for chat, sp in zip(chats, params, strict=True):
+        one = sp.model_copy(update={"n": 1}) if sp.n != 1 else sp
+        for _ in range(sp.n):
+            flat_chats.append(chat)
+            flat_params.append(one)
+    return flat_chats, flat_params
 
 
-class Coalescer:
-    """Many threads call generate(); one dispatcher thread hands the engine everything queued at once
-    (up to max_batch), so batches stay full across shard boundaries."""
+class SyncAdapter(Engine):
+    """Gives `submit` to a registered object that only has `generate(chats, sampling)` (test engines)."""
 
-    def __init__(self, engine: Engine, max_batch: int = 256):
-        self.engine = engine
-        self.max_batch = max_batch
-        self._queue: list[_Request] = []
-        self._cv = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{engine.kind}", daemon=True)
-        self._thread.start()
+    def __init__(self, inner: Any):
+        super().__init__(inner.config)
+        self.inner = inner
+        del self.loads  # the wrapped object's count is the one that matters
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
+        return getattr(self.__dict__["inner"], name)
 
-    def generate(self, chats: list[list[Message]], sampling: Sampling | list[Sampling]) -> list[Generation]:
-        params = sampling if isinstance(sampling, list) else [sampling] * len(chats)
-        if not chats:
-            return []
-        req = _Request(chats, params)
-        with self._cv:
-            if self._closed:
-                raise EngineError("engine is closed")
-            self._queue.append(req)
-            self._cv.notify()
-        return req.future.result()
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
 
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                if self._closed and not self._queue:
-                    return
-                batch, size = [], 0
-                while self._queue and (not batch or size + len(self._queue[0].chats) <= self.max_batch):
-                    r = self._queue.pop(0)
-                    batch.append(r)
-                    size += len(r.chats)
-            chats = [c for r in batch for c in r.chats]
-            params = [p for r in batch for p in r.params]
-            try:
-                out = self.engine.generate(chats, params)
-            except BaseException as exc:  # noqa: BLE001 - delivered to every waiting caller
-                for r in batch:
-                    r.future.set_exception(exc)
-                continue
-            i = 0
-            for r in batch:
-                n = sum(p.n for p in r.params)
-                r.future.set_result(out[i:i + n])
-                i += n
+    def _generate(self, chats: list[list[Message]], sampling: list[Sampling]) -> list[Generation]:
+        return self.inner.generate(chats, sampling)
 
     def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join(timeout=5)
-        self.engine.close()
+        self.inner.close()
 
 
 ENGINES: dict[str, str] = {
@@ -232,7 +397,7 @@ def get_engine(config: EngineConfig) -> Any:
             engine = engine_class(config.kind)(config)
             engine.load()
             engine.loads += 1
-            loaded = Coalescer(engine, config.max_batch) if engine.in_process else engine
+            loaded = engine if hasattr(engine, "submit") else SyncAdapter(engine)
             if faults is not None:
                 from engines.faults import FaultInjector
 
@@ -251,7 +416,9 @@ def release_engine(config: EngineConfig) -> None:
 
 
 def close_engines() -> None:
+    """Close every loaded engine: outstanding requests are cancelled (their futures raise)."""
     with _lock:
-        for e in _loaded.values():
-            e.close()
+        engines = list(_loaded.values())
         _loaded.clear()
+    for e in engines:
+        e.close()

@@ -6,15 +6,18 @@ Enabled from config; `get_engine` wraps the loaded engine when `engine.options.f
       options:
         faults: {rate: 0.1, kinds: [timeout, connection, malformed], seed: 0}
 
-- timeout / connection: the whole generate() call raises a TransientEngineError (a TimeoutError /
-  ConnectionError as its cause), as a remote engine would: Prefect retries the shard.
+A "call" is one `submit` (one request) or one `generate` (a list of requests).
+
+- timeout / connection: the call fails with a TransientEngineError (a TimeoutError / ConnectionError as
+  its cause), as a remote engine would: the generation loop retries the request, then Prefect the shard.
 - malformed: single generations have their text replaced by invalid JSON, JSON of the wrong shape,
   an empty string or a cut-off text (finish_reason "length"): the queries stage re-samples, the
   filter rejects garbage answers.
 - permanent_on: a substring; a call whose prompts contain it raises EngineError (no retry); with
   permanent_while_exists, only while that file exists (the cause is then fixed and the run rerun).
-- latency: seconds slept per call (a slow engine); hold_while_exists: calls wait while a file exists
-  (keeps a run holding the catalog until a test lets it go).
+- latency: seconds added to every call (a slow engine; a submitted request completes that much
+  later without blocking the submitter); hold_while_exists: calls wait while a file exists (keeps a
+  run holding the catalog until a test lets it go).
 
 Decisions are seeded and depend only on the prompt text and how often that prompt was seen before,
 never on thread timing, so a run replays the same faults. A retried call or a re-sampled prompt gets
@@ -28,12 +31,13 @@ import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engines.base import EngineError, Generation, Message, Sampling, TransientEngineError
+from engines.base import EngineError, Generation, Message, Sampling, TransientEngineError, done_future, expand
 from models.ids import content_hash
 
 CALL_KINDS = ("timeout", "connection")
@@ -77,7 +81,7 @@ def _draw(*parts: Any) -> float:
 
 
 class FaultInjector:
-    """Wraps an engine (or its Coalescer); everything but generate() and close() passes through."""
+    """Wraps an engine; everything but submit(), generate() and close() passes through."""
 
     def __init__(self, engine: Any, config: FaultConfig | dict[str, Any]):
         self.engine = engine
@@ -85,9 +89,10 @@ class FaultInjector:
         self.counts: Counter = Counter()
         self._seen: Counter = Counter()
         self._lock = threading.Lock()
+        self._delayed: ThreadPoolExecutor | None = None
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
+        return getattr(self.__dict__["engine"], name)
 
     def _occurrence(self, key: str) -> int:
         with self._lock:
@@ -98,14 +103,14 @@ class FaultInjector:
         with self._lock:
             self.counts[kind] += n
 
-    def generate(self, chats: list[list[Message]], sampling: Sampling | list[Sampling]) -> list[Generation]:
+    def _call_fault(self, chats: list[list[Message]], params: list[Sampling]) -> EngineError | None:
+        """The fault this call gets, if any (counted)."""
         f = self.faults
         self._count("calls")
         if f.permanent_on and (f.permanent_while_exists is None or os.path.exists(f.permanent_while_exists)) and \
                 any(f.permanent_on in m["content"] for chat in chats for m in chat):
             self._count("permanent")
-            raise EngineError(f"injected permanent fault on a prompt containing {f.permanent_on!r}")
-        params = sampling if isinstance(sampling, list) else [sampling] * len(chats)
+            return EngineError(f"injected permanent fault on a prompt containing {f.permanent_on!r}")
         call_key = content_hash([chats, [sp.key() for sp in params]])
         nth = self._occurrence("call:" + call_key)
         call_kinds = [k for k in f.kinds if k in CALL_KINDS]
@@ -113,31 +118,79 @@ class FaultInjector:
             kind = call_kinds[int(_draw(f.seed, "kind", call_key, nth) * len(call_kinds))]
             self._count(kind)
             if kind == "timeout":
-                raise TransientEngineError("injected fault: request timed out") from InjectedTimeout("timed out")
-            raise TransientEngineError("injected fault: connection reset") from InjectedConnectionError("reset")
+                err = TransientEngineError("injected fault: request timed out")
+                err.__cause__ = InjectedTimeout("timed out")
+            else:
+                err = TransientEngineError("injected fault: connection reset")
+                err.__cause__ = InjectedConnectionError("reset")
+            return err
+        return None
+
+    def _wait(self) -> None:
+        f = self.faults
         if f.latency:
             time.sleep(f.latency)
         deadline = time.monotonic() + 600
         while f.hold_while_exists and os.path.exists(f.hold_while_exists) and time.monotonic() < deadline:
             time.sleep(0.1)
-        out = self.engine.generate(chats, sampling)
+
+    def _maybe_malform(self, chat: list[Message], g: Generation) -> Generation:
+        f = self.faults
         if "malformed" not in f.kinds:
-            return out
-        flat = [chat for chat, sp in zip(chats, params, strict=True) for _ in range(sp.n)]
-        for i, (chat, g) in enumerate(zip(flat, out, strict=True)):
-            key = content_hash(chat)
-            nth = self._occurrence("gen:" + key)
-            if _draw(f.seed, "gen", key, nth) < f.rate:
-                variant = MALFORMED[int(_draw(f.seed, "variant", key, nth) * len(MALFORMED))]
-                out[i] = malform(g, variant)
-                self._count("malformed")
-                self._count("malformed." + variant)
+            return g
+        key = content_hash(chat)
+        nth = self._occurrence("gen:" + key)
+        if _draw(f.seed, "gen", key, nth) < f.rate:
+            variant = MALFORMED[int(_draw(f.seed, "variant", key, nth) * len(MALFORMED))]
+            self._count("malformed")
+            self._count("malformed." + variant)
+            return malform(g, variant)
+        return g
+
+    def submit(self, chat: list[Message], sampling: Sampling) -> Future:
+        err = self._call_fault([chat], [sampling])
+        if err is not None:
+            return done_future(exc=err)
+        if self.faults.latency or self.faults.hold_while_exists:
+            with self._lock:
+                if self._delayed is None:
+                    self._delayed = ThreadPoolExecutor(max_workers=64, thread_name_prefix="faults-delay")
+            return self._delayed.submit(self._delayed_one, chat, sampling)
+        out: Future = Future()
+
+        def relay(inner: Future) -> None:
+            if inner.cancelled():
+                out.cancel()
+            elif inner.exception() is not None:
+                out.set_exception(inner.exception())
+            else:
+                out.set_result(self._maybe_malform(chat, inner.result()))
+
+        inner = self.engine.submit(chat, sampling)
+        out.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+        inner.add_done_callback(relay)
         return out
+
+    def _delayed_one(self, chat: list[Message], sampling: Sampling) -> Generation:
+        self._wait()
+        return self._maybe_malform(chat, self.engine.submit(chat, sampling).result())
+
+    def generate(self, chats: list[list[Message]], sampling: Sampling | list[Sampling]) -> list[Generation]:
+        params = sampling if isinstance(sampling, list) else [sampling] * len(chats)
+        err = self._call_fault(chats, params)
+        if err is not None:
+            raise err
+        self._wait()
+        out = self.engine.generate(chats, sampling)
+        flat, _ = expand(chats, sampling)
+        return [self._maybe_malform(chat, g) for chat, g in zip(flat, out, strict=True)]
 
     def close(self) -> None:
         try:
             self.engine.close()
         finally:
+            if self._delayed is not None:
+                self._delayed.shutdown(wait=False, cancel_futures=True)
             if self.faults.report:
                 path = Path(self.faults.report)
                 tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
@@ -151,7 +204,8 @@ def malform(g: Generation, variant: str) -> Generation:
             "empty": "",
             "cut_off": g.text[: max(1, len(g.text) // 3)]}[variant]
     return Generation(text=text, prompt_tokens=g.prompt_tokens, completion_tokens=max(1, len(text) // 4),
-                      finish_reason="length" if variant == "cut_off" else g.finish_reason, model=g.model)
+                      finish_reason="length" if variant == "cut_off" else g.finish_reason, model=g.model,
+                      cached=g.cached)
 
 
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], FaultConfig | None]:

@@ -1,7 +1,8 @@
 """Stage `queries`: the paper's T_Q. Each character A is paired with partners B drawn from the same
 shard (seeded by A's id, so pairings are reproducible and one edited character touches one shard).
 The model writes questions A can answer but B cannot; each is recorded twice: role_specific for A,
-contrastive (should be refused) for B. Invalid JSON is re-sampled up to `rounds` times, then rejected."""
+contrastive (should be refused) for B. Invalid JSON is re-sampled per request, at once, up to `rounds`
+attempts (tasks/generation.py), then rejected."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from models.records import Character, GenerationMeta, Query
 from storage.shards import read_table
 from tasks import prompts
 from tasks.base import ShardOutput, Stage, StageContext
+from tasks.generation import generate_parsed
 from tasks.profile import profile_text
 
 PARTNER_PROFILE_TOKENS = 250
@@ -164,43 +166,30 @@ class QueriesStage(Stage):
                             max_tokens=sp.max_tokens,
                             json_schema=question_schema(cfg.questions) if cfg.guided_json else None)
         chats = [self.build_messages(a, b, cfg.questions) for a, b in pairs]
-        pending = list(range(len(pairs)))
-        last_error: dict[int, tuple[str, str]] = {}
-        for rnd in range(1, cfg.rounds + 1):
-            if not pending:
-                break
-            gens = engine.generate([chats[i] for i in pending], sampling)
-            out.stats.count_generations(gens)
-            still = []
-            for i, g in zip(pending, gens, strict=True):
-                try:
-                    qs = parse_questions(g.text, cfg.questions)
-                except ParseError as exc:
-                    out.stats.format_failures += 1
-                    last_error[i] = (str(exc), g.text)
-                    still.append(i)
-                    continue
-                a, b = pairs[i]
-                meta = GenerationMeta(prompt=json.dumps(chats[i], ensure_ascii=False), raw_output=g.text,
-                                      prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
-                                      finish_reason=g.finish_reason, model=g.model or engine.model_id,
-                                      seed=ctx.config.engine.seed, rounds=rnd)
-                for j, q in enumerate(qs):
-                    for kind, who in (("role_specific", a), ("contrastive", b)):
-                        if _rid(who) not in here:
-                            continue  # a partner from another shard: its contrastive copy belongs there
-                        out.rows.append(Query(
-                            id=row_id("query", _rid(a), _rid(b), j, kind, content_hash(q["question"], 8)),
-                            character_id=_rid(who), language=who["language"], kind=kind, question=q["question"],
-                            reason=q["reason"], author_id=_rid(a), partner_id=_rid(b),
-                            parents=[_rid(a), _rid(b)], gen=meta))
-            pending = still
-        for i in pending:
+        outcomes = generate_parsed(engine, chats, sampling, lambda g: parse_questions(g.text, cfg.questions),
+                                   rounds=cfg.rounds, stats=out.stats)
+        for i, res in enumerate(outcomes):
             a, b = pairs[i]
-            reason, raw = last_error.get(i, ("no output", ""))
-            out.rejects.append(ctx.reject(row_id("pair", _rid(a), _rid(b)), "format",
-                                          f"no valid question JSON after {cfg.rounds} rounds: {reason}",
-                                          character_id=_rid(a), text=raw))
-            out.stats.dropped["format"] += 1
+            out.stats.format_failures += res.attempts - (1 if res.ok else 0)
+            if not res.ok:
+                out.rejects.append(ctx.reject(row_id("pair", _rid(a), _rid(b)), "format",
+                                              f"no valid question JSON after {cfg.rounds} rounds: {res.error}",
+                                              character_id=_rid(a), text=res.last.text))
+                out.stats.dropped["format"] += 1
+                continue
+            g = res.last
+            meta = GenerationMeta(prompt=json.dumps(chats[i], ensure_ascii=False), raw_output=g.text,
+                                  prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
+                                  finish_reason=g.finish_reason, model=g.model or engine.model_id,
+                                  seed=ctx.config.engine.seed, rounds=res.attempts)
+            for j, q in enumerate(res.value):
+                for kind, who in (("role_specific", a), ("contrastive", b)):
+                    if _rid(who) not in here:
+                        continue  # a partner from another shard: its contrastive copy belongs there
+                    out.rows.append(Query(
+                        id=row_id("query", _rid(a), _rid(b), j, kind, content_hash(q["question"], 8)),
+                        character_id=_rid(who), language=who["language"], kind=kind, question=q["question"],
+                        reason=q["reason"], author_id=_rid(a), partner_id=_rid(b),
+                        parents=[_rid(a), _rid(b)], gen=meta))
         out.stats.rows_out = len(out.rows)
         return out

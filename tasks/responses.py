@@ -1,6 +1,7 @@
 """Stage `responses`: the paper's T_R. The full profile is in the prompt (reading comprehension); the
 character answers in role, refusing in role when a (contrastive) question lies outside its identity.
-Each turn is answered independently. Long profiles are cut to `max_profile_tokens`, flagged."""
+Each turn is one request, all submitted at once (tasks/generation.py), so the engine never waits for a
+shard's slowest answer before taking more work. Long profiles are cut to `max_profile_tokens`, flagged."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from models.ids import row_id
 from models.records import Character, GenerationMeta, Query, Turn
 from tasks import prompts
 from tasks.base import ShardOutput, Stage, StageContext
+from tasks.generation import generate_parsed
 from tasks.profile import profile_text
 
 
@@ -69,9 +71,9 @@ class ResponsesStage(Stage):
         sp = cfg.sampling
         sampling = Sampling(temperature=sp.temperature, top_p=sp.top_p, repetition_penalty=sp.repetition_penalty,
                             max_tokens=sp.max_tokens)
-        gens = engine.generate([m for _, _, m, _ in jobs], sampling)
-        out.stats.count_generations(gens)
-        for (q, ch, msgs, truncated), g in zip(jobs, gens, strict=True):
+        outcomes = generate_parsed(engine, [m for _, _, m, _ in jobs], sampling, lambda g: g, stats=out.stats)
+        for (q, ch, msgs, truncated), res in zip(jobs, outcomes, strict=True):
+            g = res.last
             answer = clean_answer(g.text, ch["label"])
             out.rows.append(Turn(
                 id=row_id("turn", q["id"]), query_id=q["id"], character_id=q["character_id"],

@@ -4,7 +4,6 @@ client's routing/retries against local stub servers. No model is loaded here."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +13,6 @@ import pytest
 import engines.bundled as bundled
 from engines.base import (
     ENGINES,
-    Coalescer,
     Engine,
     EngineError,
     Generation,
@@ -77,80 +75,6 @@ def test_one_sampling_per_chat_or_one_for_all():
     with pytest.raises(ValueError):
         engine.generate([chat("a"), chat("b")], [Sampling()])
     assert engine.generate([], Sampling()) == []
-
-
-class EchoEngine(Engine):
-    """In-process engine that records each batch; the first batch can be held open."""
-
-    kind = "echo"
-
-    def load(self):
-        self.batches: list[list[str]] = []
-        self.hold = threading.Event()
-        self.hold.set()
-        self.entered = threading.Event()
-
-    def _generate(self, chats, sampling):
-        self.entered.set()
-        self.hold.wait(10)
-        texts = [c[-1]["content"] for c in chats]
-        self.batches.append(texts)
-        if any(t == "boom" for t in texts):
-            raise TransientEngineError("engine fell over")
-        return [Generation(text=f"{t}#{sp.temperature}", prompt_tokens=1, completion_tokens=1)
-                for t, sp in zip(texts, sampling, strict=True)]
-
-
-@pytest.fixture
-def held_coalescer():
-    engine = EchoEngine(EngineConfig(kind="fake"))
-    engine.load()
-    co = Coalescer(engine, max_batch=64)
-    yield engine, co
-    engine.hold.set()
-    co.close()
-
-
-def _queue_while_busy(engine, co, callers):
-    """Block the dispatcher on a first call, queue `callers`, then release: they form one batch."""
-    engine.hold.clear()
-    with ThreadPoolExecutor(len(callers) + 1) as pool:
-        first = pool.submit(co.generate, [chat("primer")], Sampling())
-        assert engine.entered.wait(5)
-        futures = [pool.submit(co.generate, chats, sp) for chats, sp in callers]
-        deadline = time.monotonic() + 5
-        while len(co._queue) < len(callers) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        engine.hold.set()
-        first.result(10)
-        return [f.result(10) if f.exception(10) is None else f.exception() for f in futures]
-
-
-def test_coalescer_merges_concurrent_callers_and_returns_each_its_own(held_coalescer):
-    engine, co = held_coalescer
-    callers = [([chat(f"c{i}-{j}") for j in range(i + 1)], Sampling(temperature=0.1 * i)) for i in range(5)]
-    results = _queue_while_busy(engine, co, callers)
-    assert len(engine.batches) == 2  # the primer, then everyone else together
-    assert len(engine.batches[1]) == sum(i + 1 for i in range(5))
-    for i, res in enumerate(results):
-        assert [g.text for g in res] == [f"c{i}-{j}#{0.1 * i}" for j in range(i + 1)]
-
-
-def test_coalescer_respects_max_batch_and_n(held_coalescer):
-    engine, co = held_coalescer
-    co.max_batch = 4
-    callers = [([chat(f"x{i}")] * 3, Sampling(n=2)) for i in range(3)]
-    results = _queue_while_busy(engine, co, callers)
-    assert [len(r) for r in results] == [6, 6, 6]
-    assert all(g.text.startswith(f"x{i}") for i, r in enumerate(results) for g in r)
-    assert all(len(b) <= 6 for b in engine.batches[1:])  # one caller (3 chats x n=2) per batch here
-
-
-def test_coalescer_delivers_an_engine_error_to_every_caller_in_the_batch(held_coalescer):
-    engine, co = held_coalescer
-    results = _queue_while_busy(engine, co, [([chat("boom")], Sampling()), ([chat("fine")], Sampling())])
-    assert all(isinstance(r, TransientEngineError) for r in results)
-    assert co.generate([chat("after")], Sampling())[0].text == "after#0.7"  # the dispatcher survived
 
 
 def test_get_engine_loads_once_per_config():

@@ -1,6 +1,6 @@
 """The LLM judge: one request per turn, guided JSON {"score": 1-10, "reason": str}; unparseable output is
-re-asked up to `rounds` times, then counts as judge_error (kept or dropped by config). The prompt
-templates are tasks/prompts/judge.<lang>.txt; `parse` is their parser."""
+re-asked at once, per request, up to `rounds` attempts (tasks/generation.py), then counts as judge_error
+(kept or dropped by config). The prompt templates are tasks/prompts/judge.<lang>.txt; `parse` is their parser."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from models.config.filter import JudgeConfig
 from tasks import prompts
 from tasks.base import Stats
 from tasks.filters import Drop, Filter, Item
+from tasks.generation import generate_parsed
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -82,32 +83,22 @@ class JudgeFilter(Filter):
 
     def apply(self, items: list[Item]) -> list[Drop | None]:
         out: list[Drop | None] = [None] * len(items)
-        pending = list(range(len(items)))
         chats = [build_messages(it, self.cfg) for it in items]
-        last: dict[int, str] = {}
-        for rnd in range(self.cfg.rounds):
-            if not pending:
-                break
-            sp = Sampling(temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens, json_schema=SCHEMA,
-                          seed=self.seed + rnd)
-            gens = self.engine.generate([chats[i] for i in pending], sp)
-            self.stats.count_generations(gens)
-            still = []
-            for i, g in zip(pending, gens, strict=True):
-                verdict = parse(g.text)
-                if verdict is None:
-                    still.append(i)
-                    last[i] = g.text
-                    continue
-                score, reason = verdict
+        sp = Sampling(temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens, json_schema=SCHEMA)
+        # attempt r samples with seed base + r - 1: a re-asked verdict is a fresh draw on seeded engines
+        outcomes = generate_parsed(
+            self.engine, chats, sp, lambda g: parse(g.text), rounds=self.cfg.rounds, stats=self.stats,
+            vary=lambda s, a: s.model_copy(update={"attempt": a, "seed": self.seed + a - 1}))
+        for i, res in enumerate(outcomes):
+            if res.ok:
+                score, reason = res.value
                 items[i].scores["judge"] = float(score)
                 if score < self.cfg.min_score:
                     out[i] = Drop("judge", f"score {score} < {self.cfg.min_score}: {reason}", float(score))
-            pending = still
-        for i in pending:
+                continue
             self.errors += 1
             items[i].scores["judge_error"] = 1.0
             if self.cfg.on_error == "drop":
                 out[i] = Drop("judge_error", f"no valid verdict in {self.cfg.rounds} rounds; last output: "
-                                             f"{last.get(i, '')[:200]!r}")
+                                             f"{res.last.text[:200]!r}")
         return out
