@@ -90,3 +90,93 @@ def test_readme_documents_every_config_key():
     missing = [line.split("`")[1] for line in reference_markdown().splitlines()[2:]
                if line.split("`")[1] not in readme]
     assert not missing, f"README's configuration reference lacks {missing}: regenerate with `ditto config --reference`"
+
+
+# -- values checked at load time, before anything runs (issue 14, items 8 and 14) ------------------
+@pytest.mark.parametrize("override, message", [
+    ("characters.exclude_pattern=(unclosed", r"bad value for 'characters\.exclude_pattern': invalid regular "
+                                             r"expression '\(unclosed'"),
+    ('filter.out_of_role.extra_patterns=["fine", "a["]', r"bad value for 'filter\.out_of_role\.extra_patterns\.1': "
+                                                          r"invalid regular expression 'a\['"),
+    ("sessions.system_template=You are {name}", r"bad value for 'sessions\.system_template': unknown field "
+                                                r"'\{name\}'.*\['description', 'label'\]"),
+    ("sessions.system_template_zh=你是{名字}", r"'sessions\.system_template_zh': unknown field"),
+    ("sessions.system_template=You are {label", r"'sessions\.system_template': not a valid template"),
+    ("sessions.system_template=You are {0}", r"'sessions\.system_template': positional field"),
+    ("sessions.system_template=You are {label.upper}", r"'sessions\.system_template': unknown field '\{label\.upper\}'"),
+    ("characters.languages=[]", r"bad value for 'characters\.languages': List should have at least 1 item"),
+    ("characters.categories=[]", r"bad value for 'characters\.categories': List should have at least 1 item"),
+    ("characters.languages=[EN]", r"'characters\.languages': 'EN' is not a language code"),
+    ("characters.languages=[en, zh, en]", r"'characters\.languages': listed more than once: \['en'\]"),
+    ("characters.top_n=yes", r"bad value for 'characters\.top_n': Input should be a valid integer \(got True\)"),
+    ("characters.top_n=true", r"bad value for 'characters\.top_n'"),
+    ("runner.max_workers=no", r"bad value for 'runner\.max_workers'"),
+    ("queries.sampling.temperature=on", r"bad value for 'queries\.sampling\.temperature'"),
+    ("filter.length.bounds.de.max=50", r"missing key 'filter\.length\.bounds\.de\.min'"),
+])
+def test_bad_values_are_refused_at_load_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("template", ["You are {label}.", "{label} ({description})", "Play {label:>5}. {{braces}}",
+                                      "No fields at all."])
+def test_good_templates_pass(template):
+    assert load_config(overrides=[f"sessions.system_template={template}"]).sessions.system_template == template
+
+
+def test_a_valid_template_renders_with_the_sessions_fields():
+    from models.config.generation import SYSTEM_TEMPLATE_FIELDS
+    from tasks.sessions import system_prompt
+
+    cfg = load_config(overrides=["sessions.system_template=Be {label}; {description}!"]).sessions
+    ch = {"label": "Ada", "description": "mathematician", "language": "en"}
+    assert set(SYSTEM_TEMPLATE_FIELDS) == {"label", "description"}
+    assert system_prompt(ch, cfg) == "Be Ada; mathematician!"
+
+
+def test_partial_nested_override_merges_with_the_defaults(tmp_path):
+    cfg = load_config(overrides=["filter.length.default.max=399"])
+    assert (cfg.filter.length.default.min, cfg.filter.length.default.max) == (3, 399)
+    assert cfg.filter.length.bounds["en"].max == 300  # the siblings stay
+    cfg = load_config(overrides=["filter.length.bounds.en.max=100"])
+    assert cfg.filter.length.bounds["en"].min == 3 and cfg.filter.length.bounds["zh"].max == 500
+    # a section given in part keeps its field's own defaults, not the section class's
+    p = tmp_path / "c.yaml"
+    p.write_text("queries:\n  sampling:\n    temperature: 0.5\nfilter:\n  length:\n    default: {max: 399}\n")
+    cfg = load_config(p)
+    assert cfg.queries.sampling.temperature == 0.5 and cfg.queries.sampling.max_tokens == 320
+    assert (cfg.filter.length.default.min, cfg.filter.length.default.max) == (3, 399)
+    # a mapping given in YAML replaces the default mapping (it is a value, not a section)
+    p.write_text("filter:\n  length:\n    bounds: {de: {min: 1, max: 9}}\n")
+    assert set(load_config(p).filter.length.bounds) == {"de"}
+    # an override still overrides the file
+    assert load_config(p, ["filter.length.bounds.de.max=10"]).filter.length.bounds["de"].max == 10
+
+
+def test_duplicate_yaml_keys_are_an_error_naming_the_key_and_file(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("characters:\n  top_n: 5\n  languages: [en]\n  top_n: 50\n")
+    with pytest.raises(ConfigError, match=rf"{p}.*duplicate key 'top_n' \(line 4; first given on line 2\)"):
+        load_config(p)
+    p.write_text("engine: {kind: fake}\ncharacters: {top_n: 5}\nengine: {kind: vllm}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'engine'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        load_config(overrides=["engine.options={a: 1, a: 2}"])
+
+
+def test_numbers_in_yaml_are_read_as_users_write_them(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rate: 5e-5\ncharacters:\n  top_n: 7\n")
+    cfg = load_config(p, ["queries.sampling.top_p=1", "responses.sampling.temperature=1e-1"])
+    assert cfg.train.learning_rate == pytest.approx(5e-5) and cfg.characters.top_n == 7
+    assert cfg.queries.sampling.top_p == 1.0 and cfg.responses.sampling.temperature == pytest.approx(0.1)
+    p.write_text("characters:\n  top_n: yes\n")
+    with pytest.raises(ConfigError, match=rf"{p}: bad value for 'characters\.top_n'"):
+        load_config(p)
+
+
+def test_a_stored_config_loads_back_unchanged():
+    cfg = load_config(overrides=["characters.top_n=3", "filter.length.default.max=399", "train.learning_rate=5e-5"])
+    assert load_config(data=cfg.model_dump(mode="json")) == cfg

