@@ -41,6 +41,9 @@ class Stats:
         self.requests += len(gens)
         self.prompt_tokens += sum(g.prompt_tokens for g in gens)
         self.completion_tokens += sum(g.completion_tokens for g in gens)
+        hits = sum(1 for g in gens if getattr(g, "cached", False))  # served by the generation cache
+        self.extra["cache_hits"] = self.extra.get("cache_hits", 0) + hits
+        self.extra["cache_misses"] = self.extra.get("cache_misses", 0) + len(gens) - hits
 
     def as_dict(self) -> dict[str, Any]:
         tps = self.completion_tokens / self.seconds if self.seconds else 0.0
@@ -68,9 +71,17 @@ class StageContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def engine(self, config: EngineConfig | None = None):
+        """The process engine; behind the home's generation cache (engines/cache.py) when `engine.cache`
+        is on, bound to this run, stage and shard (so the cache records which keys each run used)."""
         from engines import get_engine
 
-        return get_engine(config or self.config.engine)
+        cfg = config or self.config.engine
+        engine = get_engine(cfg)
+        if not cfg.cache or self.home is None:
+            return engine
+        from engines.cache import cached_engine
+
+        return cached_engine(engine, cfg, self.home, run_id=self.run_id, stage=self.stage, shard=self.shard)
 
     @cached_property
     def seed(self) -> int:

@@ -29,3 +29,6 @@ class EngineConfig(Strict):
     request_timeout: float = Field(120.0, gt=0, description="openai: seconds per request")
     max_retries: int = Field(4, ge=0, description="openai: retries per request on timeouts/429/5xx")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the engine")
+    cache: bool = Field(True, description="generation cache: every generation is stored under its request key "
+                                          "(model, revision, messages, sampling, round) in <home>/gencache, so "
+                                          "rebuilt or killed shards ask the engine only for what it lacks")
