@@ -31,7 +31,7 @@ def test_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
 
 def test_crash_between_write_and_rename_leaves_no_readable_partial(tmp_path):
     """A process killed mid-write leaves only a .tmp- file, which readers never glob and cleanup removes."""
-    out = tmp_path / "d"
+    out = shards.shard_path(tmp_path, "r1", "queries", "abc", 0).parent
     code = textwrap.dedent(f"""
         import os, pyarrow as pa
         from storage import shards
@@ -42,7 +42,7 @@ def test_crash_between_write_and_rename_leaves_no_readable_partial(tmp_path):
     assert r.returncode == 9
     assert list(out.glob("part-*.parquet")) == []
     assert len(list(out.glob(".tmp-*"))) == 1
-    assert shards.clean_temp_files(tmp_path) == 1
+    assert shards.clean_run_temp_files(tmp_path, "r1") == 1
     assert list(out.iterdir()) == []
 
 
