@@ -7,7 +7,7 @@
 - rejection: the judge says whether the role declined (majority of the samples); accuracy against the
   gold label (refusing an answerable question is an error too).
 Judge-free: identity by sentence embeddings (answer vs "label: description" of each candidate),
-refusal by a multilingual pattern classifier, out-of-role rate by assistant-speak patterns.
+refusal and out-of-role rate by the filter chain's own classifiers (tasks/filters/role.py).
 
 Judge output that cannot be parsed is counted (`judge_unparsable`) and leaves that sample out; an item
 with no parsed sample is left out of that metric's mean. The model under test sees only the brief system
@@ -30,6 +30,7 @@ from models.config.eval import EvalConfig
 from models.eval_records import Candidate, EvalItem, EvalResult
 from models.ids import content_hash, row_id
 from tasks import prompts
+from tasks.filters.role import RefusalClassifier, RoleClassifier
 from tasks.sft_data import base_id
 
 JUDGE_PROMPTS = ("eval_identity", "eval_knowledge", "eval_rejection")
@@ -98,38 +99,19 @@ def parse_refusal(text: str) -> bool | None:
 
 
 # -- judge-free checks ----------------------------------------------------------------------------
-REFUSAL_PATTERNS = [
-    # en
-    r"\bi (?:do not|don't|did not|didn't) (?:know|recall|have (?:any )?(?:idea|knowledge|information))\b",
-    r"\bi(?:'m| am) (?:not (?:familiar|aware|sure|acquainted)|afraid i|unable to|sorry)\b", r"\bnever (?:heard|seen)\b",
-    r"\b(?:can(?:not|'t)|could not|couldn't) (?:answer|say|tell|help|speak to)\b", r"\bno idea\b",
-    r"\b(?:outside|beyond) (?:my|the scope of my)\b", r"\bnot something i (?:know|can)\b", r"\bunfamiliar\b",
-    r"\bhave(?:n't| not) (?:heard|come across)\b", r"\bwouldn't know\b", r"\bi must decline\b",
-    # zh
-    r"不知道", r"不清楚", r"没听说", r"没有听说", r"不了解", r"不熟悉", r"无法回答", r"不能回答", r"不太懂", r"不懂", r"从未听",
-    r"超出了我", r"恕我", r"抱歉",
-    # de / fr / es / it / pt / ja
-    r"\bich weiß (?:es )?nicht\b", r"\bkeine ahnung\b", r"\bje ne (?:sais|connais) pas\b", r"\bno (?:lo )?sé\b",
-    r"\bno conozco\b", r"\bnon (?:lo )?so\b", r"\bnão sei\b", r"知りません", r"分かりません", r"わかりません",
-]
-OUT_OF_ROLE_PATTERNS = [
-    r"\bas an? (?:ai|artificial intelligence|language model|assistant|chatbot)\b", r"\b(?:large )?language model\b",
-    r"\bi(?:'m| am) (?:an? )?(?:ai|artificial intelligence|virtual assistant|chatbot|assistant)\b",
-    r"\bai assistant\b", r"\bopenai\b", r"\bsmollm\b", r"\btrained by hugging ?face\b", r"\bmy training data\b",
-    r"\bi do not have personal (?:experiences|opinions)\b", r"\bi don't have personal (?:experiences|opinions)\b",
-    r"\bhow can i (?:help|assist) you\b", r"\bknowledge cutoff\b",
-    r"作为一个?(?:人工智能|AI|语言模型|助手)", r"我是一个?(?:人工智能|AI|语言模型|助手)", r"语言模型", r"人工智能助手",
-]
-_REFUSAL_RX = re.compile("|".join(REFUSAL_PATTERNS), re.I)
-_OOR_RX = re.compile("|".join(OUT_OF_ROLE_PATTERNS), re.I)
+# One classifier for the filter and the evaluation (tasks/filters/role.py): the out-of-role rate counts what
+# the filter's meta-talk, out-of-role and first-person checks drop, and refusals are read the same way.
+_REFUSAL = RefusalClassifier()
+_ROLE = RoleClassifier()
 
 
-def is_refusal(text: str) -> bool:
-    return bool(_REFUSAL_RX.search(text or ""))
+def is_refusal(text: str, language: str | None = None) -> bool:
+    return _REFUSAL.refused(text or "", language)
 
 
-def is_out_of_role(text: str) -> bool:
-    return bool(_OOR_RX.search(text or ""))
+def is_out_of_role(text: str, language: str | None = None, label: str = "") -> bool:
+    """Meta-talk, assistant-speak, or (given the role's label) describing the role in the third person."""
+    return _ROLE.out_of_role_reason(text or "", language, {"label": label} if label else None) is not None
 
 
 _embedder = None
@@ -300,7 +282,7 @@ def score_item(item: EvalItem, model: str, answer: str, judge: dict[str, list[st
         c = Counter(ok_votes)
         if c[True] != c[False]:
             refused = c[True] > c[False]
-    pattern = is_refusal(answer)
+    pattern = is_refusal(answer, item.language)
     return EvalResult(
         item_id=item.id, model=model, language=item.language, answer=answer, answer_tokens=answer_tokens,
         identity_picks=[-1 if p is None else p for p in picks],
@@ -310,7 +292,7 @@ def score_item(item: EvalItem, model: str, answer: str, judge: dict[str, list[st
         rejection_correct=None if refused is None else refused == item.should_refuse, unparsable=unparsable,
         embed_pick=embed_pick, embed_correct=None if embed_pick is None else embed_pick == item.correct,
         pattern_refused=pattern, pattern_rejection_correct=pattern == item.should_refuse,
-        out_of_role=is_out_of_role(answer),
+        out_of_role=is_out_of_role(answer, item.language, item.label),
         judge_raw=[t for m in ("identity", "knowledge", "rejection") for t in judge.get(m, [])])
 
 

@@ -1,6 +1,7 @@
 """The filter stage: per-turn checks, cheap first, then one session per character and language.
 
-    format -> length -> language -> out_of_role -> refusal -> identity (embeddings) -> judge (LLM)
+    format -> length -> language -> meta_talk -> out_of_role -> degeneration -> other_character
+    -> first_person -> refusal -> relevance (embeddings) -> identity (embeddings) -> judge (LLM)
 
 Every check here looks at one turn of this shard, so a filter shard depends on its own responses shard
 only. Duplicates across the run are the next stage's business (tasks/dedup.py), on the turns kept here.
@@ -26,10 +27,17 @@ from tasks.filters import Drop, Filter, Item
 from tasks.filters.basic import FormatFilter, LanguageFilter, LengthFilter
 from tasks.filters.identity import IdentityFilter
 from tasks.filters.judge import SCHEMA, JudgeFilter, judge_engine_config
-from tasks.filters.role import OutOfRoleFilter, RefusalFilter
+from tasks.filters.quality import DegenerationFilter, RelevanceFilter
+from tasks.filters.role import (
+    FirstPersonFilter,
+    MetaTalkFilter,
+    OtherCharacterFilter,
+    OutOfRoleFilter,
+    RefusalFilter,
+)
 from tasks.sessions import assemble_sessions
 
-VERSION = 2  # bump when a filter's logic changes: enters the shard hash
+VERSION = 3  # bump when a filter's logic changes: enters the shard hash
 
 
 def character_key(c: dict) -> str:
@@ -54,10 +62,20 @@ def build_chain(ctx: StageContext, characters: dict[str, dict], stats: Stats) ->
         chain.append(LengthFilter(cfg.length))
     if cfg.language.enabled:
         chain.append(LanguageFilter(cfg.language))
+    if cfg.meta_talk.enabled:
+        chain.append(MetaTalkFilter(cfg.meta_talk))
     if cfg.out_of_role.enabled:
         chain.append(OutOfRoleFilter(cfg.out_of_role, characters))
+    if cfg.degeneration.enabled:
+        chain.append(DegenerationFilter(cfg.degeneration))
+    if cfg.other_character.enabled:
+        chain.append(OtherCharacterFilter(cfg.other_character, characters))
+    if cfg.first_person.enabled:
+        chain.append(FirstPersonFilter(cfg.first_person))
     if cfg.refusal.enabled:
         chain.append(RefusalFilter(cfg.refusal))
+    if cfg.relevance.enabled:
+        chain.append(RelevanceFilter(cfg.relevance))
     if cfg.identity.enabled:
         chain.append(IdentityFilter(cfg.identity, characters, seed=ctx.seed))
     if cfg.judge.enabled:
@@ -74,7 +92,7 @@ class FilterStage(Stage):
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         fc = config.filter
-        fp: dict[str, Any] = {"version": VERSION, "filter": fc.model_dump(mode="json", exclude={"dedup"}),
+        fp: dict[str, Any] = {"version": VERSION, "filter": fc.model_dump(mode="json", exclude={"dedup", "questions"}),
                               "sessions": config.sessions.model_dump(mode="json")}
         if fc.enabled and fc.judge.enabled:
             ecfg = judge_engine_config(fc.judge, config.engine)
@@ -82,6 +100,8 @@ class FilterStage(Stage):
                            "engine": ecfg.model_dump(mode="json"), "schema": SCHEMA}
         if fc.enabled and fc.identity.enabled:
             fp["identity_model"] = fc.identity.model
+        if fc.enabled and fc.relevance.enabled:
+            fp["relevance_model"] = fc.relevance.model
         return fp
 
     def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
@@ -158,6 +178,11 @@ def turn_passes(scores: dict[str, float], language: str, cfg: FilterConfig) -> s
             return "length"
     if cfg.language.enabled and "lang" in scores and scores["lang"] < cfg.language.min_confidence:
         return "language"
+    if cfg.degeneration.enabled and scores.get("repeat", 0.0) > cfg.degeneration.max_repeated_share:
+        return "degeneration"
+    if (cfg.relevance.enabled and "relevance" in scores and language in cfg.relevance.min_similarity
+            and scores["relevance"] < cfg.relevance.min_similarity[language]):
+        return "relevance"
     if cfg.identity.enabled and "identity_margin" in scores and scores["identity_margin"] <= cfg.identity.min_margin:
         return "identity"
     if cfg.judge.enabled:

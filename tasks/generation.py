@@ -12,7 +12,8 @@ requests of this call are cancelled and the error is raised, failing this shard 
     outcomes[i].generations  every Generation of request i, in attempt order
     outcomes[i].error        the last parse error when value is None
 
-`parse(generation)` returns the value, or raises ValueError (or returns None) when the text is unusable.
+`parse(generation)` returns the value, or raises ValueError (or returns None) when the text is unusable;
+a list gives each request its own parser (the queries stage validates against each call's own prompt).
 Stats: every generation is counted; `extra["resampled"]` counts re-submissions after a parse failure,
 `extra["request_retries"]` re-submissions after a transient error.
 """
@@ -71,7 +72,8 @@ def _bump(stats: Any, key: str) -> None:
 
 
 def generate_parsed(engine: Any, chats: list[list[Message]], sampling: Sampling | list[Sampling],
-                    parse: Callable[[Generation], T | None], *, rounds: int = 1,
+                    parse: Callable[[Generation], T | None] | list[Callable[[Generation], T | None]], *,
+                    rounds: int = 1,
                     vary: Callable[[Sampling, int], Sampling] = next_attempt, transient_retries: int = 2,
                     stats: Any = None) -> list[Outcome[T]]:
     params = sampling if isinstance(sampling, list) else [sampling] * len(chats)
@@ -79,6 +81,9 @@ def generate_parsed(engine: Any, chats: list[list[Message]], sampling: Sampling 
         raise ValueError("one Sampling per chat, or one for all")
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
+    parsers = parse if isinstance(parse, list) else [parse] * len(chats)  # a list: one parser per chat
+    if len(parsers) != len(chats):
+        raise ValueError("one parser per chat, or one for all")
     outcomes: list[Outcome[T]] = [Outcome() for _ in chats]
     if not chats:
         return outcomes
@@ -115,7 +120,7 @@ def generate_parsed(engine: Any, chats: list[list[Message]], sampling: Sampling 
             if stats is not None:
                 stats.count_generations([gen])
             try:
-                value = parse(gen)
+                value = parsers[i](gen)
                 error = None if value is not None else "no usable output"
             except ValueError as exc:
                 value, error = None, str(exc) or type(exc).__name__

@@ -10,7 +10,7 @@ from tasks.filter import FilterStage, rethreshold
 from tasks.filters import Item
 from tasks.filters.basic import FormatFilter, LanguageFilter, LengthFilter
 from tasks.filters.judge import parse
-from tasks.filters.role import OutOfRoleFilter, RefusalFilter
+from tasks.filters.role import FirstPersonFilter, OtherCharacterFilter, OutOfRoleFilter, RefusalFilter
 from tests.plugins.filters import CHARACTERS, GOOD, REFUSALS, filter_config, make_turn, stage_context
 
 BY_ID = {f"{c['id']}@{c['language']}": c for c in CHARACTERS}
@@ -93,38 +93,46 @@ def test_language(cid, answer, keep):
 
 # ---- out of role -------------------------------------------------------------------------------------
 
-OUT_OF_ROLE = [
-    ("Q517@en", "As an AI language model, I cannot have led armies, but Napoleon did."),
-    ("Q517@en", "I'm an AI assistant, so I have no memories of Austerlitz. How can I help you today?"),
-    ("Q517@en", "According to the profile, I was crowned in 1804 and I led the Grande Armée."),
-    ("Q517@en", "Napoleon was a French commander who won at Austerlitz."),
-    ("Q517@en", "He crowned himself Emperor in 1804 and was defeated at Waterloo."),
-    ("Q517@en", "I am Sherlock Holmes, and I find your question most curious."),
-    ("Q517@en", "My name is Pierre Dupont, and I am a baker in Paris."),
-    ("Q7071@zh", "作为一个人工智能，我没有喝过酒。"),
-    ("Q7071@zh", "根据提供的资料，我是唐代诗人，喜欢饮酒。"),
-    ("Q7071@zh", "李白是唐代著名诗人，一生好饮酒。"),
-    ("Q7071@zh", "我是孙悟空，俺老孙不会作诗。"),
-    ("Q517@en", "I'm sorry for the misunderstanding earlier. I'd be happy to assist you further."),
-    ("Q517@en", "I must inform you that I don't have access to personal data unless it is provided."),
-    ("Q7071@zh", "抱歉给您带来困惑，我很乐意为您提供帮助。"),
+OUT_OF_ROLE = [  # (character, answer, the filter that drops it)
+    ("Q517@en", "As an AI language model, I cannot have led armies, but Napoleon did.", "out_of_role"),
+    ("Q517@en", "I'm an AI assistant, so I have no memories of Austerlitz. How can I help you today?", "out_of_role"),
+    ("Q517@en", "According to the profile, I was crowned in 1804 and I led the Grande Armée.", "out_of_role"),
+    ("Q517@en", "Napoleon was a French commander who won at Austerlitz.", "first_person"),
+    ("Q517@en", "He crowned himself Emperor in 1804 and was defeated at Waterloo.", "first_person"),
+    ("Q517@en", "I am Sherlock Holmes, and I find your question most curious.", "other_character"),
+    ("Q517@en", "My name is Pierre Dupont, and I am a baker in Paris.", "other_character"),
+    ("Q7071@zh", "作为一个人工智能，我没有喝过酒。", "out_of_role"),
+    ("Q7071@zh", "根据提供的资料，我是唐代诗人，喜欢饮酒。", "out_of_role"),
+    ("Q7071@zh", "李白是唐代著名诗人，一生好饮酒。", "first_person"),
+    ("Q7071@zh", "我是孙悟空，俺老孙不会作诗。", "other_character"),
+    ("Q517@en", "I'm sorry for the misunderstanding earlier. I'd be happy to assist you further.", "out_of_role"),
+    ("Q517@en", "I must inform you that I don't have access to personal data unless it is provided.", "out_of_role"),
+    ("Q7071@zh", "抱歉给您带来困惑，我很乐意为您提供帮助。", "out_of_role"),
 ]
 
 
-@pytest.mark.parametrize("cid,answer", OUT_OF_ROLE)
-def test_out_of_role_rejects(cid, answer):
-    f = OutOfRoleFilter(filter_config().filter.out_of_role, BY_ID)
-    d = f.check(item(cid, answer))
-    assert d is not None and d.filter == "out_of_role"
+def role_filters():
+    cfg = filter_config().filter
+    return {"out_of_role": OutOfRoleFilter(cfg.out_of_role, BY_ID),
+            "other_character": OtherCharacterFilter(cfg.other_character, BY_ID),
+            "first_person": FirstPersonFilter(cfg.first_person)}
+
+
+@pytest.mark.parametrize("cid,answer,name", OUT_OF_ROLE)
+def test_out_of_role_rejects(cid, answer, name):
+    """Each role check drops its own cases, under its own name, and only those."""
+    verdicts = {k: f.check(item(cid, answer)) for k, f in role_filters().items()}
+    assert verdicts[name] is not None and verdicts[name].filter == name
+    assert [k for k, d in verdicts.items() if d is not None] == [name]
 
 
 @pytest.mark.parametrize("cid", list(GOOD))
 def test_out_of_role_keeps_in_role_answers(cid):
-    f = OutOfRoleFilter(filter_config().filter.out_of_role, BY_ID)
-    assert f.check(item(cid, GOOD[cid])) is None
-    assert f.check(item(cid, REFUSALS[BY_ID[cid]["language"]])) is None
-    assert f.check(item("Q517@en", "I am Napoleon Bonaparte, and I fear no one.")) is None
-    assert f.check(item("Q7071@zh", "我是李白，一生爱酒。")) is None
+    for f in role_filters().values():
+        assert f.check(item(cid, GOOD[cid])) is None
+        assert f.check(item(cid, REFUSALS[BY_ID[cid]["language"]])) is None
+        assert f.check(item("Q517@en", "I am Napoleon Bonaparte, and I fear no one.")) is None
+        assert f.check(item("Q7071@zh", "我是李白，一生爱酒。")) is None
 
 
 # ---- refusal -----------------------------------------------------------------------------------------
@@ -218,7 +226,8 @@ def test_funnel_adds_up(tmp_path):
     out = run(tmp_path, _mixed_turns())
     assert funnel_ok(out)
     assert out.stats.rows_in == 21 and out.stats.rows_out == 16
-    assert out.stats.dropped == {"out_of_role": 2, "format": 1, "language": 1, "unknown_character": 1}
+    assert out.stats.dropped == {"out_of_role": 1, "first_person": 1, "format": 1, "language": 1,
+                                 "unknown_character": 1}
     assert all(isinstance(r, Rejection) and r.stage == "filter" and r.reason for r in out.rejects)
     assert len(out.rows) == 8 and all(isinstance(s, Session) and len(s.turns) == 2 for s in out.rows)
     s = next(s for s in out.rows if s.character_id == "Q7071@zh")

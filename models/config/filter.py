@@ -123,7 +123,9 @@ class RelevanceConfig(Strict):
                     "(all-MiniLM-L6-v2 is an English model). Default calibrated on tests/data/quality "
                     "(benchmarks/quality_gate.py)")
     kinds: list[Literal["role_specific", "contrastive"]] = Field(
-        default_factory=lambda: ["role_specific", "contrastive"], description="turn kinds checked")
+        default_factory=lambda: ["role_specific"],
+        description="turn kinds checked; an in-role refusal rarely talks about what it refuses, so its cosine "
+                    "says little")
     batch_size: int = Field(128, ge=1)
     max_seq_length: int = Field(128, ge=16, description="embedding input cut (word pieces)")
 

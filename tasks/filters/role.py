@@ -1,19 +1,41 @@
-"""Out-of-role / assistant-speak detection and refusal correctness, English and Chinese patterns."""
+"""Role classifiers shared by the filter chain and the evaluation, English and Chinese, and the filters
+built on them. Each filter has its own name (the rejection's `filter`) and reason:
+
+- meta_talk: an assistant talking about its responses, formats, templates, platforms, links, instructions,
+  or a numbered list of how it works;
+- out_of_role: assistant-speak (AI, language model, happy to assist) and talk about the profile, prompt or
+  role-play;
+- other_character: answering as another named character of the shard (introducing themselves by another
+  name, or speaking about the other one instead);
+- first_person: a role-specific answer that describes its own character in the third person;
+- refusal: contrastive turns must be refused in role, role-specific ones must not be.
+
+`tasks/evaluate.py` measures its judge-free out-of-role rate and refusal accuracy with the same
+`RoleClassifier` and `RefusalClassifier`, so the metric sees what the filter drops.
+"""
 
 from __future__ import annotations
 
 import re
+from functools import cache
 
-from models.config.filter import OutOfRoleConfig, RefusalConfig
+from models.config.filter import (
+    FirstPersonConfig,
+    MetaTalkConfig,
+    OtherCharacterConfig,
+    OutOfRoleConfig,
+    RefusalConfig,
+)
 from tasks.filters import Drop, Item, RowFilter
-from tasks.filters.text import sentences
+from tasks.filters.text import cjk_ratio, sentences
 
 _I = re.IGNORECASE
 ASSISTANT_EN = [
     r"\bas an? (?:ai|a\.i\.|artificial intelligence|(?:large )?language model|llm|(?:ai |virtual )?assistant|chatbot)\b",
     r"\bi(?:'m| am) (?:just |only |merely |simply )?an? (?:ai|artificial intelligence|(?:large )?language model|"
     r"(?:ai |virtual |helpful )?assistant|chatbot|bot|computer program)\b",
-    r"\b(?:language model|openai|chatgpt|my training data|knowledge cut-?off|training cut-?off)\b",
+    r"\b(?:language model|openai|chatgpt|smollm|my training data|knowledge cut-?off|training cut-?off)\b",
+    r"\btrained by hugging ?face\b",
     r"\bi (?:do not|don't) have (?:personal |real |any )?(?:experiences|feelings|emotions|opinions|a (?:physical )?body)\b",
     r"\bhow (?:can|may) i (?:assist|help) you(?: today)?\b",
     # the register a small generator slips into (seen in 23% of a 135M model's kept turns before these)
@@ -41,11 +63,53 @@ META_ZH = [
     r"(?:根据|按照|依据)(?:你)?(?:提供的|以上的?|上述的?|给定的|给出的)?(?:资料|简介|设定|人设|提示|介绍)",
     r"(?:提供的|以上的?|上述的?|给定的)(?:资料|简介|信息|设定|人设)",
 ]
+
+# An assistant talking about its own output or the medium: what a small generator writes when it loses the
+# role ("my responses", "the given format", "this template", "Just click here", "Directions:", "1. I will").
+META_TALK_EN = [
+    r"\b(?:my|these|this|the|our|your|following|above|previous|next) (?:responses?|replies|outputs?)\b",
+    r"\b(?:responses?|replies) (?:should|must|will|are|is|to (?:the|your|this))\b",
+    r"\b(?:given|following|above|below|required|specified|same|correct|proper|json|markdown|answer|response|"
+    r"question|this|that|the) (?:format|formats|formatting)\b|\bformatted (?:as|in|like)\b",
+    r"\btemplates?\b|\bplaceholders?\b",
+    r"\bclick (?:here|on|the|below)\b|\bhttps?://|\bwww\.|\b\w+\.(?:com|org|net|io)\b|\b(?:the|this) link\b|"
+    r"\blinks? (?:below|above)\b|\bsubscribe\b|\bsign (?:up|in)\b|\blog ?in\b|\bscroll (?:down|up)\b",
+    r"\bjust (?:click|tap|press|type|select|enter)\b|\bcontinue reading\b|\bread more\b",
+    r"\b(?:this|the|our|my) (?:platform|website|web ?site|app|application|interface|chat ?bot|chat window|"
+    r"forum|thread|post)\b",
+    r"\b(?:the|these|your|my) instructions? (?:say|says|given|provided|above|below|ask|asks|require)\b|"
+    r"\bfollow(?:ing)? (?:the|your|these) (?:instructions|guidelines|rules)\b|\bas instructed\b",
+    r"\bthe user\b|\busers?'?s? (?:question|query|request|input|prompt)\b|\b(?:your|the|this) (?:query|prompt)\b",
+    r"(?:^|\n)\s*(?:\*\*)?(?:directions|interactions|instructions|guidelines|rules|steps|notes?|examples?|output|"
+    r"response|answer|question|reason|character [ab])\s*(?:\d+\s*)?(?:\*\*)?\s*:",
+    r"\bcharacter [ab]\b|\b(?:role|person) [ab]\b",
+    r"\bhere(?:'s| is| are) (?:a|an|the|my|some|your) (?:response|answer|reply|list|summary|example|version|"
+    r"breakdown|overview|rewrite|draft)\b|\bi hope this (?:helps|answers|clarifies)\b|\bfeel free to (?:ask|reach)\b|"
+    r"\blet me know if\b|\bif you have any (?:other|more|further) questions\b|\bis there anything else\b",
+    r"\b(?:in|for) (?:this|the|my) (?:response|answer|reply|scenario|exercise|task|dialogue|conversation)\b",
+    r"\bthe question (?:asks|is asking|requires|wants|was)\b|\b(?:answer|respond to) (?:the|this|your) question\b",
+    r"\bstep \d\b|\bstep (?:one|two|three)\b",
+]
+META_TALK_ZH = [
+    r"格式|模板|模版|占位符|点击|链接|网址|https?://|www\.|(?:本|这个|该|此)(?:平台|网站|应用|程序|页面|帖子)",
+    r"用户|(?:根据|按照|遵循)(?:你的|您的|以上|上述)?(?:指令|指示|要求|说明)|提示词|指令",
+    r"(?:我的|本|该|这个|以下|上述|上面的)(?:回答|回复|答案|输出)(?:如下|是|将|会|应该)?|以下是(?:我的)?(?:回答|回复|答案|列表)",
+    r"希望(?:这|以上|我的回答)(?:个回答|些)?(?:能|对你|对您)?(?:有所)?帮助|如果(?:你|您)还有(?:其他|任何|更多)(?:的)?(?:问题|疑问)",
+    r"(?:^|\n)\s*(?:问题|回答|答案|理由|说明|步骤|注意|示例|输出)\s*\d*\s*[:：]|角色\s*[AB甲乙]|第[一二三1-3]步",
+    r"(?:这个|该|此)问题(?:问的是|要求|是在问)",
+]
+# numbered or bulleted lines about how the speaker works ("1. I will answer ...", "- Provide a ...")
+_HOW_I_WORK_EN = re.compile(
+    r"(?:^|\n)\s*(?:\d+[.)]|[-*•])\s*(?:\*\*)?(?:i will|i'll|i can|i would|i must|i should|i am going to|provide|"
+    r"respond|answer|use|keep|maintain|ensure|include|avoid|stay|be|write|make sure|remember|focus|offer)\b")
+_HOW_I_WORK_ZH = re.compile(r"(?:^|\n)\s*(?:\d+[.、)）]|[-*•]|[一二三四五]、)\s*(?:我会|我将|我可以|提供|回答|使用|保持|确保|避免|注意)")
 FIRST_PERSON_EN = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|our|us)\b")
 FIRST_PERSON_ZH = re.compile(r"我|咱|俺|本人|吾|朕|寡人|在下|老夫|本王|本官|本座|小女子|妾身|贫道|老朽|洒家|本宫")
 THIRD_EN = re.compile(r"\b(?:he|she|his|her|him|they)\b")
 THIRD_ZH = re.compile(r"他|她")
 THIRD_VERB_AFTER = re.compile(r"\s+(?:was|is|had|has|became|served|lived|died|wrote|remains|were|did)\b")
+
+
 
 
 def _names(character: dict | None) -> list[str]:
@@ -55,47 +119,162 @@ def _names(character: dict | None) -> list[str]:
     return [n.strip() for n in names if n and len(n.strip()) >= 2]
 
 
+def guess_language(text: str) -> str:
+    return "zh" if cjk_ratio(text[:400]) > 0.3 else "en"
+
+
+@cache
+def _compiled(extra: tuple[str, ...] = ()) -> dict[str, re.Pattern]:
+    extra_l = [p.lower() for p in extra]
+    return {"assistant_en": re.compile("|".join(ASSISTANT_EN + META_EN)),
+            "assistant_zh": re.compile("|".join(ASSISTANT_ZH + META_ZH + ASSISTANT_EN + META_EN)),
+            "meta_en": re.compile("|".join(META_TALK_EN)),
+            "meta_zh": re.compile("|".join(META_TALK_ZH + META_TALK_EN)),
+            "extra": re.compile("|".join(extra_l)) if extra_l else None}
+
+
+class RoleClassifier:
+    """Text-only role checks (patterns are lower case and run on lower-cased text: much faster than
+    re.IGNORECASE). `out_of_role_reason` is the evaluation's judge-free out-of-role test."""
+
+    def __init__(self, meta_extra: tuple[str, ...] | list[str] = (), assistant_extra: tuple[str, ...] | list[str] = ()):
+        self.rx = _compiled()
+        self.meta_extra = _compiled(tuple(meta_extra))["extra"]
+        self.assistant_extra = _compiled(tuple(assistant_extra))["extra"]
+
+    def meta_talk(self, text: str, language: str | None = None) -> str | None:
+        low = text.lower()
+        zh = (language or guess_language(text)) == "zh"
+        m = (self.rx["meta_zh"] if zh else self.rx["meta_en"]).search(low)
+        if m is None and self.meta_extra is not None:
+            m = self.meta_extra.search(low)
+        if m is not None:
+            return m.group(0).strip()
+        m = (_HOW_I_WORK_ZH if zh else _HOW_I_WORK_EN).search(low)
+        if m is not None and len((_HOW_I_WORK_ZH if zh else _HOW_I_WORK_EN).findall(low)) >= 2:
+            return "numbered list of how it works: " + m.group(0).strip()[:40]
+        return None
+
+    def assistant(self, text: str, language: str | None = None) -> str | None:
+        low = text.lower()
+        zh = (language or guess_language(text)) == "zh"
+        m = (self.rx["assistant_zh"] if zh else self.rx["assistant_en"]).search(low)
+        if m is None and self.assistant_extra is not None:
+            m = self.assistant_extra.search(low)
+        return m.group(0).strip() if m else None
+
+    @staticmethod
+    def third_person(text: str, language: str | None, own: list[str]) -> str | None:
+        """The answer describes its own character (names in `own`) in the third person."""
+        if not own:
+            return None
+        if (language or guess_language(text)) == "zh":
+            if FIRST_PERSON_ZH.search(text):
+                return None
+            if any(n in text for n in own) or THIRD_ZH.search(text):
+                return "describes the character in the third person (no first person)"
+            return None
+        low = text.lower()
+        head = low[:200]
+        for n in own:
+            n = n.lower()
+            if head.startswith(n) and THIRD_VERB_AFTER.match(head, len(n)):
+                return f"describes the character in the third person: {text[:60]!r}"
+        if FIRST_PERSON_EN.search(low):
+            return None
+        if any(n.lower() in low for n in own) or THIRD_EN.search(low):
+            return "describes the character in the third person (no first person)"
+        return None
+
+    def out_of_role_reason(self, text: str, language: str | None = None, character: dict | None = None
+                           ) -> str | None:
+        """Meta-talk, assistant-speak or (given the character) third-person description: the evaluation's
+        judge-free out-of-role test, the union of what the filter's role checks drop."""
+        why = self.meta_talk(text, language)
+        if why:
+            return f"meta_talk: {why}"
+        why = self.assistant(text, language)
+        if why:
+            return f"out_of_role: {why}"
+        why = self.third_person(text, language, _names(character))
+        return f"first_person: {why}" if why else None
+
+
+class MetaTalkFilter(RowFilter):
+    name = "meta_talk"
+
+    def __init__(self, cfg: MetaTalkConfig):
+        self.clf = RoleClassifier(meta_extra=cfg.extra_patterns)
+
+    def check(self, item: Item) -> Drop | None:
+        why = self.clf.meta_talk(item.answer, item.language)
+        return Drop("meta_talk", f"talks about its output or the medium: {why!r}") if why else None
+
+
 class OutOfRoleFilter(RowFilter):
-    """Assistant-speak, meta-talk about the prompt/profile, describing the character in the third person,
-    or introducing oneself as another character of the shard."""
+    """Assistant-speak and talk about the prompt, profile or role-play."""
 
     name = "out_of_role"
 
     def __init__(self, cfg: OutOfRoleConfig, characters: dict[str, dict] | None = None):
+        self.clf = RoleClassifier(assistant_extra=cfg.extra_patterns)
+
+    def check(self, item: Item) -> Drop | None:
+        why = self.clf.assistant(item.answer, item.language)
+        return Drop("out_of_role", f"assistant or meta talk: {why!r}") if why else None
+
+
+class OtherCharacterFilter(RowFilter):
+    """Speaking as another named character of the shard: 'I am X' / '我是X' / 'my name is X' with another
+    character's name, or an answer that opens with another character as its subject, or names another
+    character at least twice with no first person in it."""
+
+    name = "other_character"
+
+    def __init__(self, cfg: OtherCharacterConfig, characters: dict[str, dict] | None = None):
         self.cfg = cfg
-        # patterns are lower case and run on lower-cased text: much faster than re.IGNORECASE
-        self.en = re.compile("|".join(ASSISTANT_EN + META_EN + [p.lower() for p in cfg.extra_patterns]))
-        self.zh = re.compile("|".join(ASSISTANT_ZH + META_ZH + [p.lower() for p in cfg.extra_patterns]))
         # one generic pattern, then a dict lookup of the words after it: a regex alternation of every
         # label in the shard would be slow with thousands of characters
         self.labels = {n.lower() for c in (characters or {}).values() for n in _names(c)}
         self.max_words = max((len(n.split()) for n in self.labels), default=1)
         self.max_chars = max((len(n) for n in self.labels), default=1)
-        self.intro = re.compile(r"(?:\b(?:i am|i'm|my name is|call me|they call me)\s+|我是|我叫|我乃|我的名字(?:是|叫))")
+        self.intro = re.compile(r"(?:\b(?:i am|i'm|my name is|call me|they call me|this is)\s+|我是|我叫|我乃|"
+                                r"我的名字(?:是|叫)|本人是|在下)")
         self.my_name_en = re.compile(r"\b(?i:my name is) ([A-Z][\w'.-]*(?: [A-Z][\w'.-]*)*)")
+        self.words_en = re.compile(r"[\w'.-]+")
 
     def check(self, item: Item) -> Drop | None:
         text = item.answer
         low = text.lower()
-        m = (self.zh.search(low) or self.en.search(low)) if item.language == "zh" else self.en.search(low)
-        if m:
-            return Drop("out_of_role", f"assistant or meta talk: {m.group(0)!r}")
-        own = _names(item.character)
-        own_l = [n.lower() for n in own]
-        if self.cfg.other_names:
-            for m in self.intro.finditer(low):
-                name = self._known_name(low[m.end():m.end() + self.max_chars + 1])
-                if name and not any(name in n or n in name for n in own_l):
-                    return Drop("out_of_role", f"speaks as another character: {low[m.start():m.end()] + name!r}")
-            m = self.my_name_en.search(text)
-            if m and own_l and not any(w.lower() in " ".join(own_l) for w in m.group(1).split()):
-                return Drop("out_of_role", f"gives another name: {m.group(0)!r}")
-        if self.cfg.third_person and own:
-            return self._third_person(item, own)
+        own_l = [n.lower() for n in _names(item.character)]
+
+        def other(name: str | None) -> bool:
+            return bool(name) and not any(name in n or n in name for n in own_l)
+
+        for m in self.intro.finditer(low):
+            name = self._known_name(low[m.end():m.end() + self.max_chars + 1])
+            if other(name):
+                return Drop("other_character", f"speaks as another character: {low[m.start():m.end()] + name!r}")
+        m = self.my_name_en.search(text)
+        if m and own_l and not any(w.lower() in " ".join(own_l) for w in m.group(1).split()):
+            return Drop("other_character", f"gives another name: {m.group(0)!r}")
+        if not self.labels:
+            return None
+        zh = item.language == "zh"
+        start = self._known_name(low.lstrip(" \"'“”‘’*-")[:self.max_chars + 1])
+        if other(start) and (zh or THIRD_VERB_AFTER.match(low.lstrip(" \"'“”‘’*-"), len(start))):
+            return Drop("other_character", f"about another character: opens with {start!r}")
+        first = FIRST_PERSON_ZH.search(text) if zh else FIRST_PERSON_EN.search(low)
+        if first is None:
+            counts = {n: low.count(n) for n in self.labels if n in low and other(n)}
+            if counts and max(counts.values()) >= 2 and not any(n in low for n in own_l):
+                name = max(counts, key=counts.get)
+                return Drop("other_character", f"about another character: {name!r} named {counts[name]} times, "
+                                               f"no first person")
         return None
 
     def _known_name(self, tail: str) -> str | None:
-        """The longest known label the text after 'I am' / '我是' starts with."""
+        """The longest known label the text starts with."""
         tail = tail.lower()
         if not self.labels:
             return None
@@ -104,33 +283,27 @@ class OutOfRoleFilter(RowFilter):
                 if tail[:k] in self.labels:
                     return tail[:k]
             return None
-        words = re.findall(r"[\w'.-]+", tail)
+        words = self.words_en.findall(tail)
         for k in range(min(len(words), self.max_words), 0, -1):
             cand = " ".join(words[:k]).rstrip(".")
             if cand in self.labels:
                 return cand
         return None
 
-    def _third_person(self, item: Item, own: list[str]) -> Drop | None:
-        text = item.answer
-        if item.language == "zh":
-            if FIRST_PERSON_ZH.search(text):
-                return None
-            if any(n in text for n in own) or THIRD_ZH.search(text):
-                return Drop("out_of_role", "describes the character in the third person (no first person)")
-            return None
-        low = text.lower()
-        head = low[:200]
-        for n in own:
-            n = n.lower()
-            if head.startswith(n) and THIRD_VERB_AFTER.match(head, len(n)):
-                return Drop("out_of_role", f"describes the character in the third person: {text[:60]!r}")
-        if FIRST_PERSON_EN.search(low):
-            return None
-        if any(n.lower() in low for n in own) or THIRD_EN.search(low):
-            return Drop("out_of_role", "describes the character in the third person (no first person)")
-        return None
 
+class FirstPersonFilter(RowFilter):
+    """A role-specific answer speaks as the character: not about the character in the third person."""
+
+    name = "first_person"
+
+    def __init__(self, cfg: FirstPersonConfig):
+        self.cfg = cfg
+
+    def check(self, item: Item) -> Drop | None:
+        if item.row.get("kind") not in self.cfg.kinds:
+            return None
+        why = RoleClassifier.third_person(item.answer, item.language, _names(item.character))
+        return Drop("first_person", why) if why else None
 
 REFUSAL_EN = [
     r"\b(?:i|we)\s+(?:do not|don't|did not|didn't|cannot|can't|could not|couldn't|can ?not)\s+(?:really |truly )?"
@@ -152,20 +325,27 @@ REFUSAL_ZH = [
 ]
 
 
+# other languages, for the evaluation of models answering in them (the filter's rows are en or zh)
+REFUSAL_OTHER = [
+    r"\bich weiß (?:es )?nicht\b|\bkeine ahnung\b|\bje ne (?:sais|connais) pas\b|\bno (?:lo )?sé\b|"
+    r"\bno conozco\b|\bnon (?:lo )?so\b|\bnão sei\b|知りません|分かりません|わかりません",
+]
+
+
 class RefusalClassifier:
     """Patterns over the answer's first sentences: the paper's refusals explain themselves up front."""
 
     def __init__(self, head_sentences: int = 2):
         self.head = head_sentences
-        self.en = re.compile("|".join(REFUSAL_EN))
-        self.zh = re.compile("|".join(REFUSAL_ZH))
+        self.en = re.compile("|".join(REFUSAL_EN + REFUSAL_OTHER))
+        self.zh = re.compile("|".join(REFUSAL_ZH + REFUSAL_OTHER))
 
-    def score(self, text: str, language: str) -> float:
+    def score(self, text: str, language: str | None) -> float:
         head = " ".join(sentences(text[:600])[:self.head]).lower() or text.lower()
-        pattern = self.zh if language == "zh" else self.en
+        pattern = self.zh if (language or guess_language(text)) == "zh" else self.en
         return float(len(pattern.findall(head)))
 
-    def refused(self, text: str, language: str) -> bool:
+    def refused(self, text: str, language: str | None = None) -> bool:
         return self.score(text, language) >= 1
 
 

@@ -79,8 +79,10 @@ def make_turn(character_id: str, answer: str, *, kind: str = "role_specific", n:
 
 
 def filter_config(**filter_overrides: Any):
-    """A run config with the fake engine; the judge and identity checks off unless asked for."""
-    filt: dict[str, Any] = {"judge": {"enabled": False}, "identity": {"enabled": False}}
+    """A run config with the fake engine; the judge and the embedding checks (identity, relevance) off
+    unless asked for."""
+    filt: dict[str, Any] = {"judge": {"enabled": False}, "identity": {"enabled": False},
+                            "relevance": {"enabled": False}}
     for k, v in filter_overrides.items():
         filt[k] = {**filt.get(k, {}), **v} if isinstance(v, dict) else v
     return load_config(data={"engine": {"kind": "fake", "model": "fake"}, "filter": filt})
