@@ -30,26 +30,38 @@ its closing "]" gets the same `truncated` rejection (its cut last line is a `mal
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import heapq
 import json
 import logging
 import re
-import zlib
-from collections.abc import Callable, Iterator
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from models.config.characters import CharactersConfig
 from models.records import Character, Rejection
 from tasks.sources import InputFormatError, TruncatedInputError, reject, require_file, select
+from tasks.sources.dump import (
+    CHUNK_BYTES,
+    StreamError,
+    available_cores,
+    decompressor,
+    detect_format,
+    read_chunks,
+)
 from tasks.sources.wikipedia import load_articles, normalize_title
 
 log = logging.getLogger(__name__)
 
 CLASSES = {"Q5": "real", "Q15632617": "fictional", "Q95074": "fictional"}
-_CLASS_MARKERS = tuple(f'"{q}"'.encode() for q in CLASSES) + (b'"property"',)
 LANGUAGE_FALLBACKS = {"zh": ["zh", "zh-hans", "zh-cn", "zh-hant", "zh-tw", "zh-hk", "zh-sg", "zh-mo", "zh-my"]}
 SKIP_DATATYPES = {"external-id", "commonsMedia", "url", "geo-shape", "tabular-data", "math",
                   "musical-notation", "wikibase-lexeme", "wikibase-form", "wikibase-sense", "entity-schema"}
@@ -57,77 +69,6 @@ _ENTITY_ID = re.compile(rb'"id"\s*:\s*"([QP]\d+)"')
 _UNIT = re.compile(r"/entity/(Q\d+)$")
 ENTITY_URL = "https://www.wikidata.org/wiki/"
 LICENSE = "Wikidata: CC0 1.0; Wikipedia text: CC BY-SA 4.0"
-
-
-def _open(path: Path):
-    name = path.name.lower()
-    if name.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return path.open("rb")
-
-
-def stream_entities(path: Path, want: Callable[[bytes], bool], rejects: list[Rejection], *,
-                    allow_truncated: bool = False) -> Iterator[dict]:
-    """Entities of the dump whose raw line passes `want`, with per-line rejections for bad lines."""
-    lineno = offset = parsed = bad = 0
-    first_problem = ""
-    opened = closed = False
-    compressed = path.name.lower().endswith((".gz", ".bz2"))
-    try:
-        with _open(path) as fh:
-            for raw in fh:
-                lineno += 1
-                start, offset = offset, offset + len(raw)
-                line = raw.strip()
-                if line.endswith(b","):
-                    line = line[:-1].rstrip()
-                if line == b"[":
-                    opened = True
-                    continue
-                if line == b"]":
-                    closed = True
-                    continue
-                if not line or not want(line):
-                    continue
-                where = f"{path.name}:{lineno}"
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    bad += 1
-                    problem = f"{path}: line {lineno}: not UTF-8 at byte offset {start + exc.start} ({exc.reason})"
-                    first_problem = first_problem or problem
-                    rejects.append(reject(where, "encoding", problem, text=line[:200].decode("utf-8", "replace")))
-                    continue
-                try:
-                    entity = json.loads(text)
-                    if not isinstance(entity, dict) or "id" not in entity:
-                        raise ValueError("not an entity object (no 'id')")
-                except ValueError as exc:  # JSONDecodeError is a ValueError
-                    bad += 1
-                    problem = f"{path}: line {lineno}: malformed entity: {exc}"
-                    first_problem = first_problem or problem
-                    rejects.append(reject(where, "malformed", problem, text=text[:200]))
-                    continue
-                parsed += 1
-                yield entity
-    except (EOFError, zlib.error, OSError) as exc:
-        if not compressed or isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            raise
-        problem = (f"compressed stream ends early or is corrupt after line {lineno} ({parsed} entities read): "
-                   f"{type(exc).__name__}: {exc}")
-        if not allow_truncated:
-            raise TruncatedInputError(path, problem) from exc
-        rejects.append(reject(f"{path.name}:{lineno}", "truncated", f"{path}: {problem}; kept what was read"))
-        return
-    if parsed == 0 and bad:
-        raise InputFormatError(path, f"no entity could be read; first problem: {first_problem}")
-    if opened and not closed:
-        kind = "compressed stream" if compressed else "file"
-        rejects.append(reject(f"{path.name}:{lineno}", "truncated",
-                              f"{path}: {kind} ends at line {lineno} without the closing ']' of the dump "
-                              f"({parsed} entities read); kept what was read"))
 
 
 def _pick(values: dict, lang: str) -> Any:
@@ -260,30 +201,100 @@ def _any_label(entity: dict) -> str:
     return ""
 
 
-def collect(cfg: CharactersConfig) -> tuple[list[Character], list[Rejection]]:
-    dump = require_file(cfg.wikidata_dump, "wikidata_dump", "wikidata")
-    for f in cfg.wikipedia:
-        require_file(f, "wikipedia", "wikidata")
-    rejects: list[Rejection] = []
-    labels: dict[str, dict[str, str]] = {}
-    pool = cfg.top_n * cfg.pool_factor
-    heaps: dict[str, list] = {lang: [] for lang in cfg.languages}
-    unlabeled: list = []  # the `pool` most popular persons with no label in any configured language
-    seq = 0
 
-    def want_pass1(line: bytes) -> bool:
-        return any(m in line for m in _CLASS_MARKERS)
 
-    for entity in stream_entities(dump, want_pass1, rejects, allow_truncated=cfg.allow_truncated):
+# -- one pass over the dump, in parallel (tasks/sources/dump.py splits it; parse_chunk runs in workers) --
+_PERSON_MARKERS = tuple(f'"{q}"'.encode() for q in CLASSES)
+_PROPERTY_MARKER = b'"type":"property"'
+_HEAD_ID = re.compile(rb'"id"\s*:\s*"([QPL]\d+)"')
+_LABELS_KEY = b'"labels":'
+_AFTER_LABELS = b'},"descriptions":'
+_DECODER = json.JSONDecoder()
+LABEL_SCHEMA = pa.schema([("id", pa.string()), ("lang", pa.string()), ("label", pa.string()), ("line", pa.int64())])
+
+
+def _cheap_labels(line: bytes) -> tuple[str, dict] | None:
+    """(entity id, labels object) without parsing the claims: the official layout puts "id" in the first
+    bytes and "labels" before "descriptions"; anything else falls back to a full parse."""
+    m = _HEAD_ID.search(line, 0, 96)
+    pos = line.find(_LABELS_KEY)
+    if m is None or pos < 0:
+        entity = json.loads(line)
+        return (entity["id"], entity.get("labels") or {}) if isinstance(entity, dict) and "id" in entity else None
+    pos += len(_LABELS_KEY)
+    cut = line.find(_AFTER_LABELS, pos)
+    text = line[pos: cut + 1 if cut >= 0 else len(line)].decode("utf-8")
+    obj, _ = _DECODER.raw_decode(text.lstrip())
+    return m.group(1).decode(), obj if isinstance(obj, dict) else {}
+
+
+def parse_chunk(data: bytes, params: dict[str, Any]) -> dict[str, Any]:
+    """One chunk of dump lines -> compact candidates, label rows and bad lines (line indexes are 0-based
+    within the chunk; the reader turns them into dump line numbers)."""
+    languages: list[str] = params["languages"]
+    categories = set(params["categories"])
+    out: dict[str, Any] = {"cands": [], "unlabeled": [], "lab_lines": [], "lab_ids": [], "lab_langs": [],
+                           "lab_vals": [], "bad": [], "opened": False, "closed": False, "parsed": 0, "unreadable": 0,
+                           "lines": 0}
+    at, ids, langs, vals = out["lab_lines"], out["lab_ids"], out["lab_langs"], out["lab_vals"]
+    i = 0
+
+    def add_labels(eid: str, labels: dict) -> None:
+        for lang, value in _labels({"labels": labels}, languages).items():
+            at.append(i)
+            ids.append(eid)
+            langs.append(lang)
+            vals.append(value)
+
+    offset = 0
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    out["lines"] = len(lines)
+    for i, raw in enumerate(lines):
+        start, offset = offset, offset + len(raw) + 1
+        line = raw.strip()
+        if line.endswith(b","):
+            line = line[:-1].rstrip()
+        if line == b"[":
+            out["opened"] = True
+            continue
+        if line == b"]":
+            out["closed"] = True
+            continue
+        if not line:
+            continue
+        if not (any(m in line for m in _PERSON_MARKERS) or _PROPERTY_MARKER in line):
+            try:
+                got = _cheap_labels(line)
+            except (ValueError, UnicodeDecodeError, TypeError, KeyError):
+                out["unreadable"] += 1  # not a person: only its labels were wanted
+                continue
+            if got:
+                add_labels(*got)
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out["bad"].append((i, "encoding", start + exc.start, exc.reason, line[:200].decode("utf-8", "replace")))
+            continue
+        try:
+            entity = json.loads(text)
+            if not isinstance(entity, dict) or "id" not in entity:
+                raise ValueError("not an entity object (no 'id')")
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            out["bad"].append((i, "malformed", start, str(exc), text[:200]))
+            continue
+        out["parsed"] += 1
+        add_labels(entity["id"], entity.get("labels") or {})
         if entity.get("type") == "property":
-            labels[entity["id"]] = _labels(entity, cfg.languages)
             continue
         category = person_category(entity)
-        if category is None or category not in cfg.categories:
+        if category is None or category not in categories:
             continue
         sitelinks = entity.get("sitelinks") or {}
         cand = None
-        for lang in cfg.languages:
+        for lang in languages:
             label = _pick(entity.get("labels") or {}, lang)
             if not label or not label.get("value"):
                 continue
@@ -296,42 +307,201 @@ def collect(cfg: CharactersConfig) -> tuple[list[Character], list[Rejection]]:
             cand["langs"][lang] = {"label": label["value"], "description": desc.get("value", ""),
                                    "aliases": [a.get("value", "") for a in aliases if a.get("value")],
                                    "title": normalize_title(site.get("title", ""))}
-            seq += 1
-            item = (cand["popularity"], -seq, cand)
-            heap = heaps[lang]
-            if len(heap) < pool:
-                heapq.heappush(heap, item)
-            else:
-                heapq.heappushpop(heap, item)
         if cand is None:
-            seq += 1
-            item = (len(sitelinks), -seq, entity["id"], _any_label(entity))
-            if len(unlabeled) < pool:
-                heapq.heappush(unlabeled, item)
-            else:
-                heapq.heappushpop(unlabeled, item)
+            out["unlabeled"].append((i, len(sitelinks), entity["id"], _any_label(entity)))
+        else:
+            out["cands"].append((i, cand))
+    return out
 
-    # an unlabeled person is recorded only if its popularity would have put it in some language's pool:
-    # rows below the cut are neither kept nor rejected (as in `select`), which also bounds the memory
-    tried = [code for lang in cfg.languages for code in LANGUAGE_FALLBACKS.get(lang, [lang])]
-    for popularity, _, qid, other in sorted(unlabeled, key=lambda e: (-e[0], -e[1])):
-        if any(len(h) < pool or popularity > h[0][0] for h in heaps.values()):
-            rejects.append(reject(qid, "no_label", f"entity {qid} has no label in the configured languages "
-                                  f"(tried: {', '.join(tried)})", character_id=qid, text=other))
 
-    # heap order is arbitrary; rank like the dump: popularity, then first seen
-    ranked = sorted(((-neg_seq, lang, cand) for lang, heap in heaps.items() for _, neg_seq, cand in heap),
-                    key=lambda e: (-e[2]["popularity"], e[0]))
-    entries = [(lang, cand) for _, lang, cand in ranked]
-    missing = set().union(*(referenced_ids(c["claims"]) for _, c in entries)) - labels.keys() if entries else set()
-    if missing:
-        def want_pass2(line: bytes) -> bool:
-            m = _ENTITY_ID.search(line)
-            return m is None or m.group(1).decode() in missing
+@dataclass
+class DumpScan:
+    """What one pass over a dump yields for a configuration: the ranked (language, candidate) pool, the
+    labels its claims reference, the rejections, and read statistics."""
 
-        for entity in stream_entities(dump, want_pass2, [], allow_truncated=True):
-            if entity.get("id") in missing:
-                labels[entity["id"]] = _labels(entity, cfg.languages)
+    entries: list[tuple[str, dict]]
+    labels: dict[str, dict[str, str]]
+    rejects: list[Rejection]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_table(self) -> pa.Table:
+        rows = [("entry", json.dumps([lang, c], ensure_ascii=False)) for lang, c in self.entries]
+        rows += [("label", json.dumps([k, v], ensure_ascii=False)) for k, v in sorted(self.labels.items())]
+        rows += [("reject", r.model_dump_json()) for r in self.rejects]
+        rows.append(("stats", json.dumps(self.stats)))
+        return pa.table({"kind": [k for k, _ in rows], "data": [d for _, d in rows]})
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> DumpScan:
+        scan = cls([], {}, [], {})
+        for kind, data in zip(table.column("kind").to_pylist(), table.column("data").to_pylist(), strict=True):
+            if kind == "entry":
+                lang, cand = json.loads(data)
+                scan.entries.append((lang, cand))
+            elif kind == "label":
+                k, v = json.loads(data)
+                scan.labels[k] = v
+            elif kind == "reject":
+                scan.rejects.append(Rejection.model_validate_json(data))
+            elif kind == "stats":
+                scan.stats = json.loads(data)
+        return scan
+
+
+def scan_params(cfg: CharactersConfig) -> dict[str, Any]:
+    """The configuration a scan depends on (its snapshot key, with the dump's identity)."""
+    return {"languages": list(cfg.languages), "categories": list(cfg.categories),
+            "pool": cfg.top_n * cfg.pool_factor, "allow_truncated": cfg.allow_truncated}
+
+
+def _lookup_labels(table_path: Path, wanted: set[str]) -> dict[str, dict[str, str]]:
+    """Labels of the wanted ids from the on-disk label table; the last occurrence in the dump wins."""
+    found: dict[str, dict[str, str]] = {}
+    if not wanted or not table_path.exists():
+        return found
+    value_set = pa.array(sorted(wanted), pa.string())
+    seen: dict[str, int] = {}
+    for batch in pq.ParquetFile(table_path).iter_batches(batch_size=1 << 16, use_threads=False):
+        hit = batch.filter(pc.is_in(batch.column("id"), value_set=value_set))
+        for eid, lang, label, line in zip(hit.column("id").to_pylist(), hit.column("lang").to_pylist(),
+                                          hit.column("label").to_pylist(), hit.column("line").to_pylist(),
+                                          strict=True):
+            if seen.get(eid) != line:  # a later occurrence of the entity replaces the earlier one whole
+                seen[eid] = line
+                found[eid] = {}
+            found[eid][lang] = label
+    return found
+
+
+def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, chunk_bytes: int = CHUNK_BYTES,
+              workdir: Path | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> DumpScan:
+    """One pass: persons ranked into bounded per-language pools, every entity's labels (configured
+    languages + en) into an on-disk table, then the labels the pools' claims reference read back."""
+    t0 = time.perf_counter()
+    params = scan_params(cfg)
+    pool = params["pool"]
+    nl = len(cfg.languages)
+    heaps: dict[str, list] = {lang: [] for lang in cfg.languages}
+    unlabeled: list = []  # the `pool` most popular persons with no label in any configured language
+    rejects: list[Rejection] = []
+    fmt = detect_format(path)
+    compressed = fmt != "plain"
+    workers = workers if workers is not None else (cfg.read_workers or available_cores())
+    lineno = parsed = bad = unreadable = 0
+    first_problem = ""
+    opened = closed = False
+    tmp = Path(tempfile.mkdtemp(prefix="labels-", dir=workdir))
+    table_path = tmp / "labels.parquet"
+    writer = pq.ParquetWriter(table_path, LABEL_SCHEMA, compression="zstd")
+    try:
+        try:
+            for base, offset, res in read_chunks(path, parse_chunk, params, workers=workers,
+                                                 chunk_bytes=chunk_bytes, fmt=fmt, progress=progress):
+                for i, kind, at, detail, text in res["bad"]:
+                    bad += 1
+                    n = base + i
+                    if kind == "encoding":
+                        problem = f"{path}: line {n}: not UTF-8 at byte offset {offset + at} ({detail})"
+                    else:
+                        problem = f"{path}: line {n}: malformed entity: {detail}"
+                    first_problem = first_problem or problem
+                    rejects.append(reject(f"{path.name}:{n}", kind, problem, text=text))
+                for i, cand in res["cands"]:
+                    seq = (base + i) * nl
+                    for k, lang in enumerate(cfg.languages):
+                        if lang not in cand["langs"]:
+                            continue
+                        item = (cand["popularity"], -(seq + k), cand)
+                        heap = heaps[lang]
+                        if len(heap) < pool:
+                            heapq.heappush(heap, item)
+                        else:
+                            heapq.heappushpop(heap, item)
+                for i, popularity, qid, other in res["unlabeled"]:
+                    item = (popularity, -(base + i) * nl, qid, other)
+                    if len(unlabeled) < pool:
+                        heapq.heappush(unlabeled, item)
+                    else:
+                        heapq.heappushpop(unlabeled, item)
+                if res["lab_ids"]:
+                    # line = the entity's dump line: a later copy of an entity replaces its labels whole
+                    writer.write_table(pa.table({"id": res["lab_ids"], "lang": res["lab_langs"],
+                                                 "label": res["lab_vals"], "line": [base + j for j in res["lab_lines"]]},
+                                                schema=writer.schema))
+                parsed += res["parsed"]
+                unreadable += res["unreadable"]
+                opened = opened or res["opened"]
+                closed = closed or res["closed"]
+                lineno = base + res["lines"] - 1 if res["lines"] else lineno
+        except StreamError as exc:
+            lineno = exc.lines
+            problem = (f"compressed stream ends early or is corrupt after line {lineno} ({parsed} entities read): "
+                       f"{type(exc.cause).__name__}: {exc.cause}")
+            if not cfg.allow_truncated:
+                raise TruncatedInputError(path, problem) from exc.cause
+            rejects.append(reject(f"{path.name}:{lineno}", "truncated", f"{path}: {problem}; kept what was read"))
+            closed = True  # reported as truncated already
+        finally:
+            writer.close()
+        if parsed == 0 and bad:
+            raise InputFormatError(path, f"no entity could be read; first problem: {first_problem}")
+        if opened and not closed:
+            kind = "compressed stream" if compressed else "file"
+            rejects.append(reject(f"{path.name}:{lineno}", "truncated",
+                                  f"{path}: {kind} ends at line {lineno} without the closing ']' of the dump "
+                                  f"({parsed} entities read); kept what was read"))
+
+        # an unlabeled person is recorded only if its popularity would have put it in some language's pool:
+        # rows below the cut are neither kept nor rejected (as in `select`), which also bounds the memory
+        tried = [code for lang in cfg.languages for code in LANGUAGE_FALLBACKS.get(lang, [lang])]
+        for popularity, _, qid, other in sorted(unlabeled, key=lambda e: (-e[0], -e[1])):
+            if any(len(h) < pool or popularity > h[0][0] for h in heaps.values()):
+                rejects.append(reject(qid, "no_label", f"entity {qid} has no label in the configured languages "
+                                      f"(tried: {', '.join(tried)})", character_id=qid, text=other))
+        # heap order is arbitrary; rank like the dump: popularity, then first seen
+        ranked = sorted(((-neg_seq, lang, cand) for lang, heap in heaps.items() for _, neg_seq, cand in heap),
+                        key=lambda e: (-e[2]["popularity"], e[0]))
+        entries = [(lang, cand) for _, lang, cand in ranked]
+        wanted = set().union(*(referenced_ids(c["claims"]) for _, c in entries)) if entries else set()
+        labels = _lookup_labels(table_path, wanted)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stats = {"format": fmt, "decompressor": decompressor(fmt, workers), "workers": workers,
+             "compressed_bytes": path.stat().st_size, "lines": lineno, "entities_parsed": parsed,
+             "unreadable_lines": unreadable, "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("wikidata %s: %d lines, %d entities parsed in full, %d candidates in %.1f s (%s, %d workers)",
+             path.name, lineno, parsed, len(entries), stats["seconds"], stats["decompressor"], workers)
+    return DumpScan(entries, labels, rejects, stats)
+
+
+
+def _progress_reporter(info: dict[str, Any]) -> None:
+    """Source progress to the flow's progress hooks (the CLI's bars) when the flow runs in this process."""
+    import sys
+
+    build = sys.modules.get("flows.build")
+    emit = getattr(build, "_emit", None)
+    if emit is not None:
+        emit("source_progress", stage="characters", **info)
+
+
+def collect(cfg: CharactersConfig, store: Any = None) -> tuple[list[Character], list[Rejection]]:
+    """Characters from the dump (one parallel pass, or the dump's snapshot from `store` when this dump
+    and scan configuration were read before) joined with the Wikipedia articles."""
+    dump = require_file(cfg.wikidata_dump, "wikidata_dump", "wikidata")
+    for f in cfg.wikipedia:
+        require_file(f, "wikipedia", "wikidata")
+
+    def build() -> pa.Table:
+        return scan_dump(dump, cfg, workdir=store.tmp_dir() if store is not None else None,
+                         progress=_progress_reporter).to_table()
+
+    if store is not None:
+        scan = DumpScan.from_table(store.load_or_build("wikidata-dump", [dump], {**scan_params(cfg),
+                                                                                  "code": code_digest()}, build))
+    else:
+        scan = DumpScan.from_table(build())
+    entries, labels = scan.entries, scan.labels
 
     wanted = {(lang, c["langs"][lang]["title"]) for lang, c in entries if c["langs"][lang]["title"]}
     articles = load_articles(cfg.wikipedia, cfg.wikipedia_hub, wanted, max_summary=cfg.max_summary_chars,
@@ -349,4 +519,16 @@ def collect(cfg: CharactersConfig) -> tuple[list[Character], list[Rejection]]:
             language=lang, popularity=float(c["popularity"]), summary=art.get("summary", ""),
             article=art.get("article", ""), source="wikidata", license=LICENSE, url=url))
     kept, more = select(characters, cfg)
-    return kept, rejects + more
+    return kept, list(scan.rejects) + more
+
+
+def code_digest() -> str:
+    """A hash of the code that decides a scan's output (this module and the reader)."""
+    import hashlib
+
+    from tasks.sources import dump
+
+    h = hashlib.sha256()
+    for mod_file in (__file__, dump.__file__):
+        h.update(Path(mod_file).read_bytes())
+    return h.hexdigest()[:16]
