@@ -47,6 +47,9 @@ class CharactersConfig(Strict):
         False, description="wikidata: keep what a truncated compressed dump yielded (recorded as a rejection) "
                            "instead of failing")
     shard_size: int = Field(8, ge=1, description="target characters per shard (shard count = next power of two)")
+    read_workers: int = Field(
+        0, ge=0, description="wikidata: processes (and decompressor threads) that read the dump; 0 = every core "
+                             "available (inside a Dask worker: the Dask cluster). Not part of any key")
 
     @field_validator("languages")
     @classmethod
