@@ -107,3 +107,58 @@ def line_chart(title: str, xs: list[str], series: dict[str, list[float | None]],
         out.append(f'<text x="{left + pw + 26}" y="{ly}" font-size="11" fill="#222">{escape(label)}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _pack(tasks: list[tuple[int, float, float]]) -> list[int]:
+    """Sub-lane per task (greedy interval packing): tasks that overlap in time get different lanes."""
+    ends: list[float] = []
+    out = []
+    for _, a, b in tasks:
+        lane = next((i for i, e in enumerate(ends) if e <= a), None)
+        if lane is None:
+            ends.append(b)
+            lane = len(ends) - 1
+        else:
+            ends[lane] = b
+        out.append(lane)
+    return out
+
+
+def timeline(stages: dict[str, list[tuple[int, float, float]]], width: int = 760, max_lanes: int = 8) -> str:
+    """A Gantt-like chart of shard tasks: one band per stage, one bar per task from its start to its end
+    on a time axis shared by all stages (seconds since the first start), so an operator sees how stages
+    overlap. Tasks running at once within a stage stack in up to `max_lanes` sub-lanes."""
+    stages = {k: sorted(v, key=lambda t: (t[1], t[0])) for k, v in stages.items() if v}
+    if not stages:
+        return ""
+    t0 = min(a for v in stages.values() for _, a, _ in v)
+    t1 = max(b for v in stages.values() for _, _, b in v)
+    span = max(t1 - t0, 1e-6)
+    label_w, right, lane_h, gap, axis_h = 110, 16, 7, 8, 24
+    plot_w = width - label_w - right
+    packed = {k: [min(x, max_lanes - 1) for x in _pack(v)] for k, v in stages.items()}
+    heights = {k: (max(p) + 1) * lane_h for k, p in packed.items()}
+    height = sum(heights.values()) + gap * len(stages) + axis_h
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart timeline" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="shard tasks over time">']
+    y = 4
+    for n, (stage, tasks) in enumerate(stages.items()):
+        colour = PALETTE[n % len(PALETTE)]
+        h = heights[stage]
+        out.append(f'<text x="0" y="{y + min(h, 14) - 2}" font-size="12" fill="#222">{escape(str(stage))}</text>')
+        out.append(f'<rect x="{label_w}" y="{y}" width="{plot_w}" height="{h}" fill="#f4f4f4"/>')
+        for (shard, a, b), lane in zip(tasks, packed[stage], strict=True):
+            x = label_w + plot_w * (a - t0) / span
+            w = max(1.0, plot_w * (b - a) / span)
+            out.append(f'<rect class="task" x="{x:.1f}" y="{y + lane * lane_h}" width="{w:.1f}" '
+                       f'height="{lane_h - 1}" fill="{colour}"><title>{escape(str(stage))} shard {int(shard)}: {a - t0:.1f} s → '
+                       f'{b - t0:.1f} s</title></rect>')
+        y += h + gap
+    for k in range(5):
+        x = label_w + plot_w * k / 4
+        out.append(f'<line x1="{x:.1f}" y1="{y - gap + 2}" x2="{x:.1f}" y2="{y + 2}" stroke="#999"/>')
+        anchor = "start" if k == 0 else "end" if k == 4 else "middle"
+        out.append(f'<text x="{x:.1f}" y="{y + 14}" font-size="10" text-anchor="{anchor}" fill="#555">'
+                   f'{_fmt(round(span * k / 4, 1))} s</text>')
+    out.append("</svg>")
+    return "".join(out)

@@ -118,6 +118,39 @@ def publish_stage_artifacts(run_id: str, dataset: str, stage: str, stats: dict, 
         logger.warning("could not publish artifacts for %s/%s: %s", run_id, stage, exc)
 
 
+def changes_markdown(changes: dict[str, Any]) -> str:
+    """The "what changed" report as Markdown: characters, shards reused vs rebuilt, generations, tokens."""
+    from flows.report import changes_lines
+
+    prev = changes.get("previous_run")
+    lines = [f"# What changed in run `{changes['run_id']}`", "",
+             f"Against the previous run `{prev}`." if prev else "No earlier run of this dataset.", ""]
+    c = changes.get("characters")
+    if c:
+        lines += ["| characters | n |", "|---|---:|"] + [f"| {k} | {c[k]} |" for k in
+                                                          ("added", "changed", "removed", "unchanged")] + [""]
+    lines += ["| stage | rebuilt | reused | failed | generations cached | generations new | tokens |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, s in changes["stages"].items():
+        lines.append(f"| {_md_escape(name)} | {s['rebuilt']} | {s['reused']} | {s['failed']} | {s['cached']} | "
+                     f"{s['new']} | {s['prompt_tokens'] + s['completion_tokens']} |")
+    lines += ["", "```", *changes_lines(changes), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def publish_changes(run_id: str, dataset: str, changes: dict[str, Any]) -> None:
+    """The run's "what changed" Markdown artifact, keyed per dataset (one version per nightly)."""
+    if not _in_run_context():
+        return
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown=changes_markdown(changes), key=artifact_key(dataset, "changes"),
+                                 description=f"{dataset}: what changed in run {run_id} since the previous run")
+    except Exception as exc:  # noqa: BLE001 - a view; never fail the run over it
+        logger.warning("could not publish the changes artifact for %s: %s", run_id, exc)
+
+
 def _percent(done: int, total: int) -> float:
     if total <= 0:
         return 100.0
@@ -150,5 +183,5 @@ def update_progress(handle: UUID | None, done: int, total: int) -> None:
         logger.warning("could not update progress artifact %s: %s", handle, exc)
 
 
-__all__ = ["artifact_key", "create_progress", "publish_stage_artifacts", "samples_markdown", "stats_table",
-           "update_progress"]
+__all__ = ["artifact_key", "changes_markdown", "create_progress", "publish_changes", "publish_stage_artifacts",
+           "samples_markdown", "stats_table", "update_progress"]

@@ -184,6 +184,8 @@ def near_duplicates(sig: np.ndarray, threshold: float, bands: int, rows: int) ->
     """Rows of `sig` are in keep-priority order (row 0 is kept first). Returns (leader, jaccard): leader[i]
     is the row i duplicates (i itself when it is kept) and the estimated Jaccard to it."""
     n = len(sig)
+    if n == 0:  # no turn survived the per-turn chain (or min_turns dropped every session): nothing to compare
+        return np.empty(0, dtype=np.int64), np.ones(0)
     uf = _UnionFind(n)
     nonempty = sig[:, 0] != EMPTY
     for band in range(bands):
