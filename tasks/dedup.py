@@ -23,8 +23,6 @@ from models.records import Session
 from tasks.base import ShardOutput, Stage, StageContext, Stats
 from tasks.filters import dedup as dedup_mod
 
-VERSION = 1  # bump when the stage's logic changes: enters the shard hash
-
 
 class DedupStage(Stage):
     name = "dedup"
@@ -37,7 +35,7 @@ class DedupStage(Stage):
         return config.filter.enabled and (d.exact or d.near)
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
-        return {"version": VERSION, "active": self.active(config),
+        return {"active": self.active(config),
                 "dedup": config.filter.dedup.model_dump(mode="json"),
                 "min_turns": config.sessions.min_turns}
 
