@@ -536,9 +536,8 @@ def gc(home: str | Path, keep: Iterable[tuple[str, str, int]], *, dry_run: bool 
         buf: list[pa.Table] = []
         nbuf = 0
         for _, f in rewrite:
-            t = con.execute("SELECT c.* FROM read_parquet(?) c SEMI JOIN live l ON c.key = l.key", [f]).arrow()
-            if not isinstance(t, pa.Table):
-                t = t.read_all()
+            cur = con.execute("SELECT c.* FROM read_parquet(?) c SEMI JOIN live l ON c.key = l.key", [f])
+            t = cur.to_arrow_table() if hasattr(cur, "to_arrow_table") else cur.fetch_arrow_table()
             buf.append(t.cast(CHUNK_SCHEMA))
             nbuf += t.num_rows
             if nbuf >= compact_rows:
