@@ -1,16 +1,22 @@
-"""The `ditto` command line. Exit codes: 0 ok, 1 run failed, 2 bad config or usage, 3 catalog busy."""
+"""The `ditto` command line. Exit codes: 0 ok, 1 run failed, 2 bad config, usage or input (a home without a
+catalog, an export target that is a file or not empty, a damaged shard), 3 catalog busy (a run holds it),
+4 a resource in use (the dashboard's port). Expected errors print one plain-text line on stderr, never a
+traceback; `--json` commands print only JSON on stdout (logs, theirs and their subprocesses', go to stderr)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ditto: role-play self-alignment data, "
                   "fine-tuning and evaluation as a Prefect DAG.")
@@ -35,8 +41,87 @@ def _quiet_prefect(verbose: bool) -> None:
 
 
 def _fail(msg: str, code: int) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    _say("error: ", msg)
     raise typer.Exit(code)
+
+
+def _say(prefix: str, msg: str, style: str = "bold red") -> None:
+    """One line on stderr; the message is plain text (a `[/]` or `[x]` in a path is printed as is)."""
+    console.print(Text(prefix, style=style) + Text(str(msg)), highlight=False, soft_wrap=True)
+
+
+def _t(value: Any) -> Text:
+    """A table cell or line as plain text, never parsed as rich markup."""
+    return Text("" if value is None else str(value))
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Expected failures as one line and their exit code."""
+    from flows.export import ExportError
+    from storage.catalog import CatalogBusy, CatalogError
+    from storage.layout import InvalidRunId
+
+    try:
+        yield
+    except CatalogBusy as exc:
+        _fail(str(exc), 3)
+    except (CatalogError, ExportError, InvalidRunId) as exc:
+        _fail(str(exc), 2)
+
+
+@contextmanager
+def _json_stdout(enabled: bool) -> Iterator[None]:
+    """While a --json command works, stdout is stderr: for this process (sys.stdout and file descriptor 1)
+    and for the processes it starts (vLLM workers inherit descriptor 1). The JSON is printed after."""
+    if not enabled:
+        yield
+        return
+    saved_obj = sys.stdout
+    try:
+        saved_obj.flush()
+    except (OSError, ValueError):
+        pass
+    saved_fd = None
+    try:
+        saved_fd = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:
+        saved_fd = None
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        sys.stdout = saved_obj
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
+def _check_run_id(run_id: str | None) -> None:
+    from storage.layout import InvalidRunId, validate_run_id
+
+    if run_id is not None:
+        try:
+            validate_run_id(run_id)
+        except InvalidRunId as exc:
+            _fail(f"--run-id: {exc}", 2)
+
+
+def _reader(home: str | None):
+    """The snapshot reader of an existing catalog; a home without one is an error naming it (exit 2)."""
+    from flows.build import resolve_home
+    from storage.catalog import CatalogError
+    from storage.reader import CatalogReader
+
+    try:
+        return CatalogReader(resolve_home(home), require=True)
+    except CatalogError as exc:
+        _fail(str(exc), 2)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -65,14 +150,18 @@ class _Progress:
         if event == "stage_start":
             self.tasks[stage] = self.p.add_task(stage, total=data.get("total"), rows=0)
         elif event == "shard_done" and stage in self.tasks:
+            # the rows the summary table counts (rows_out: turns for session stages), not the records
             t = self.tasks[stage]
-            rows = self.p.tasks[t].fields.get("rows", 0) + (data.get("rows") or 0)
-            self.p.update(t, advance=1, rows=rows)
+            n = data["rows_out"] if data.get("rows_out") is not None else (data.get("rows") or 0)
+            self.p.update(t, advance=1, rows=self.p.tasks[t].fields.get("rows", 0) + n)
         elif event == "stage_end" and stage in self.tasks:
             t = self.tasks[stage]
             total = self.p.tasks[t].total
             if total is None:
                 self.p.update(t, total=self.p.tasks[t].completed or 1, completed=self.p.tasks[t].completed or 1)
+            rows_out = (data.get("stats") or {}).get("rows_out")
+            if rows_out is not None:
+                self.p.update(t, rows=rows_out)
 
 
 def _summary_table(run_id: str, stages: list[dict]) -> Table:
@@ -83,11 +172,11 @@ def _summary_table(run_id: str, stages: list[dict]) -> Table:
         dropped = s.get("dropped") or {}
         if isinstance(dropped, str):
             dropped = json.loads(dropped)
-        t.add_row(s["stage"], f"{s.get('shards_done', 0)}/{s.get('shards_total', 0)}", str(s.get("shards_failed", 0)),
-                  str(s.get("shards_reused", 0)), str(s.get("rows_in", 0)), str(s.get("rows_out", 0)),
-                  ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "-",
-                  str((s.get("prompt_tokens") or 0) + (s.get("completion_tokens") or 0)),
-                  f"{s.get('seconds') or 0:.1f}")
+        t.add_row(*map(_t, (s["stage"], f"{s.get('shards_done', 0)}/{s.get('shards_total', 0)}",
+                            s.get("shards_failed", 0), s.get("shards_reused", 0), s.get("rows_in", 0),
+                            s.get("rows_out", 0), ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "-",
+                            (s.get("prompt_tokens") or 0) + (s.get("completion_tokens") or 0),
+                            f"{s.get('seconds') or 0:.1f}")))
     return t
 
 
@@ -96,41 +185,46 @@ def _run_and_report(fn, home: str | None, as_json: bool, verbose: bool, **kwargs
     from flows.build import PROGRESS_HOOKS, RunFailed, resolve_home
     from flows.stages import ChainError
     from models.config import ConfigError
-    from storage.catalog import CatalogBusy, CatalogError
+    from storage.catalog import CatalogBusy, CatalogError, catalog_held
+    from storage.layout import InvalidRunId
     from storage.reader import CatalogReader
 
+    _check_run_id(kwargs.get("run_id"))
+    h = resolve_home(home)
+    if catalog_held(h):  # before Prefect and the engine start: a second writer learns it at once
+        _fail(f"another ditto process is using {h / 'catalog.duckdb'} (a run in progress): wait for it to "
+              f"finish, or use another --home", 3)
     hook = None
-    if not as_json:
-        hook = _Progress()
-        PROGRESS_HOOKS.append(hook)
-        hook.p.start()
     code, run_id = 0, kwargs.get("run_id")
-    try:
-        summary = fn(home=home, **kwargs)
-        run_id = summary["run_id"]
-    except (ConfigError, ChainError) as exc:
-        if hook:
-            hook.p.stop()
-        _fail(str(exc), 2)
-    except CatalogBusy as exc:
-        if hook:
-            hook.p.stop()
-        _fail(str(exc), 3)
-    except CatalogError as exc:
-        if hook:
-            hook.p.stop()
-        _fail(str(exc), 2)
-    except RunFailed as exc:
-        code = 1
-        console.print(f"[bold red]run failed:[/] {exc}", highlight=False)
-    finally:
-        if hook:
-            hook.p.stop()
-            PROGRESS_HOOKS.remove(hook)
-        from engines.base import close_engines
+    with _json_stdout(as_json):
+        if not as_json:
+            hook = _Progress()
+            PROGRESS_HOOKS.append(hook)
+            hook.p.start()
+        try:
+            summary = fn(home=home, **kwargs)
+            run_id = summary["run_id"]
+        except (ConfigError, ChainError, InvalidRunId) as exc:
+            code = 2
+            failure = str(exc)
+        except CatalogBusy as exc:
+            code, failure = 3, str(exc)
+        except CatalogError as exc:
+            code, failure = 2, str(exc)
+        except RunFailed as exc:
+            code, failure = 1, str(exc)
+        finally:
+            if hook:
+                hook.p.stop()
+                PROGRESS_HOOKS.remove(hook)
+            from engines.base import close_engines
 
-        close_engines()
-    with CatalogReader(resolve_home(home)) as rd:
+            close_engines()
+    if code == 1:
+        _say("run failed: ", failure)
+    elif code:
+        _fail(failure, code)
+    with CatalogReader(h) as rd:
         run = rd.run(run_id) if run_id else None
         stages = rd.stage_stats(run_id) if run_id else []
     if as_json:
@@ -140,7 +234,7 @@ def _run_and_report(fn, home: str | None, as_json: bool, verbose: bool, **kwargs
 
         stages.sort(key=lambda s: STAGE_ORDER.index(s["stage"]) if s["stage"] in STAGE_ORDER else 99)
         out.print(_summary_table(run_id, stages))
-        out.print(f"status: {run['status']}   home: {resolve_home(home)}   `ditto show {run_id}` for details")
+        out.print(_t(f"status: {run['status']}   home: {h}   `ditto show {run_id}` for details"))
     raise typer.Exit(code)
 
 
@@ -163,37 +257,44 @@ def run(config: Annotated[Path | None, typer.Argument(help="run config YAML (def
 def rerun(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False, verbose: bool = False) -> None:
     """Recompute only the failed or missing shards of RUN_ID."""
     from flows.build import rerun as rerun_fn
+    from flows.build import resolve_home
+    from storage.catalog import CATALOG_FILE, snapshot_exists
 
+    _check_run_id(run_id)
+    h = resolve_home(home)
+    if not snapshot_exists(h) and not (h / CATALOG_FILE).exists():
+        _fail(f"no run {run_id!r} in {h} ({h} has no catalog: check --home or $DITTO_HOME)", 2)
     _run_and_report(lambda home, run_id: rerun_fn(run_id, home), home, as_json, verbose, run_id=run_id)
 
 
 @app.command()
 def runs(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List runs."""
-    from flows.build import resolve_home
-    from storage.reader import CatalogReader
-
-    with CatalogReader(resolve_home(home)) as rd:
+    """List runs (a run whose process died shows as `interrupted`)."""
+    with _reader(home) as rd:
         rows = rd.query("SELECT r.run_id, r.status, r.dataset, r.started_at, r.finished_at, r.num_shards, "
                         "(SELECT count(*) FROM shards s WHERE s.run_id=r.run_id AND s.status='failed') AS failed_shards "
                         "FROM runs r ORDER BY started_at DESC")
     if as_json:
         _print_json(rows)
         return
+    cols = ("run_id", "status", "dataset", "started_at", "finished_at", "failed_shards")
     t = Table()
-    for c in ("run_id", "status", "dataset", "started_at", "finished_at", "failed_shards"):
+    for c in cols:
         t.add_column(c)
     for r in rows:
-        t.add_row(*(str(r[c]) for c in ("run_id", "status", "dataset", "started_at", "finished_at", "failed_shards")))
+        t.add_row(*(_t(r[c]) for c in cols))
     out.print(t)
+    if not rows:
+        out.print(_t("no runs yet"))
 
 
-def run_details(home: str | None, run_id: str) -> dict[str, Any]:
+def run_details(home: str | None, run_id: str, verify: bool = False) -> dict[str, Any]:
     from flows.build import resolve_home
     from flows.stages import STAGE_ORDER
-    from storage.reader import CatalogReader
+    from storage.shards import shard_problem
 
-    with CatalogReader(resolve_home(home)) as rd:
+    _check_run_id(run_id)
+    with _reader(home) as rd:
         run = rd.run(run_id)
         if run is None:
             _fail(f"no run {run_id!r} in {resolve_home(home)}", 2)
@@ -205,6 +306,8 @@ def run_details(home: str | None, run_id: str) -> dict[str, Any]:
     for name in sorted({s["stage"] for s in shards} | set(stats), key=lambda s: (STAGE_ORDER + [s]).index(s)):
         ss = [s for s in shards if s["stage"] == name]
         st = stats.get(name, {})
+        damaged = [{"shard": s["shard"], "problem": p} for s in ss if s["status"] == "done"
+                   and (p := shard_problem(s, check_hash=verify))]
         stages.append({
             "stage": name,
             "shards": {k: sum(1 for s in ss if s["status"] == k) for k in ("pending", "running", "done", "failed")},
@@ -214,83 +317,182 @@ def run_details(home: str | None, run_id: str) -> dict[str, Any]:
             "rows_in": st.get("rows_in", 0), "rows_out": st.get("rows_out", 0), "dropped": st.get("dropped", {}),
             "requests": st.get("requests", 0), "prompt_tokens": st.get("prompt_tokens", 0),
             "completion_tokens": st.get("completion_tokens", 0), "format_failures": st.get("format_failures", 0),
-            "seconds": st.get("seconds", 0.0),
+            "seconds": st.get("seconds", 0.0), "metrics": st.get("metrics", {}),
+            **_cache_counts(ss),
             "errors": [{"shard": s["shard"], "error": s["error"], "attempts": s["attempts"]}
                        for s in ss if s["status"] == "failed"],
+            "damaged": damaged,
         })
     run = dict(run)
     run["config"] = json.loads(run["config"]) if run.get("config") else None
     return _jsonable({"run": run, "stages": stages, "models": models, "evaluations": evals})
 
 
+def _cache_counts(shards: list[dict]) -> dict[str, int]:
+    """Generation-cache hits and misses of the shards this run computed (a reused shard asked nothing)."""
+    hits = misses = 0
+    for s in shards:
+        if s["status"] == "done" and not s["reused_from"] and s.get("stats"):
+            st = json.loads(s["stats"]) if isinstance(s["stats"], str) else s["stats"]
+            hits += st.get("cache_hits", 0) or 0
+            misses += st.get("cache_misses", 0) or 0
+    return {"cache_hits": hits, "cache_misses": misses}
+
+
 @app.command()
-def show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Stages, shards by status, rows, tokens, drops and errors of a run."""
-    d = run_details(home, run_id)
+def show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False,
+         verify: Annotated[bool, typer.Option("--verify", help="hash every shard file (default: sizes only)")]
+         = False) -> None:
+    """Stages, shards by status, rows, tokens, drops, errors and damaged shard files of a run."""
+    d = run_details(home, run_id, verify=verify)
     if as_json:
         _print_json(d)
         return
     r = d["run"]
-    out.print(f"[bold]{r['run_id']}[/]  status={r['status']}  shards={r['num_shards']}  started={r['started_at']}  "
-              f"finished={r['finished_at']}")
+    out.print(_t(f"{r['run_id']}  status={r['status']}  shards={r['num_shards']}  started={r['started_at']}  "
+                 f"finished={r['finished_at']}"))
+    if r["status"] == "interrupted":
+        out.print(_t("the process of this run ended without finishing it (killed?): "
+                     f"`ditto rerun {r['run_id']}` continues it"))
     if r.get("error"):
-        out.print(f"[red]{r['error']}[/]", highlight=False)
+        out.print(Text(str(r["error"]), style="red"))
     t = Table()
     for c in ("stage", "done", "failed", "reused", "rows in", "rows out", "rejected", "dropped by reason",
-              "tokens", "seconds"):
+              "tokens", "cache hit/miss", "seconds"):
         t.add_column(c)
     for s in d["stages"]:
-        t.add_row(s["stage"], str(s["shards"]["done"]), str(s["shards"]["failed"]), str(s["reused"]),
-                  str(s["rows_in"]), str(s["rows_out"]), str(s["rejected"]),
-                  ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "-",
-                  str(s["prompt_tokens"] + s["completion_tokens"]), f"{s['seconds']:.1f}")
+        cache = f"{s['cache_hits']}/{s['cache_misses']}" if s["cache_hits"] or s["cache_misses"] else "-"
+        t.add_row(*map(_t, (s["stage"], s["shards"]["done"], s["shards"]["failed"], s["reused"], s["rows_in"],
+                            s["rows_out"], s["rejected"],
+                            ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "-",
+                            s["prompt_tokens"] + s["completion_tokens"], cache, f"{s['seconds']:.1f}")))
     out.print(t)
     for s in d["stages"]:
         for e in s["errors"]:
-            out.print(f"[red]{s['stage']}-{e['shard']}[/] (attempts {e['attempts']}): {e['error']}", highlight=False)
+            out.print(Text(f"{s['stage']}-{e['shard']}", style="red") + _t(f" (attempts {e['attempts']}): {e['error']}"))
+        for e in s["damaged"]:
+            out.print(Text(f"{s['stage']}-{e['shard']}", style="red") + _t(f" damaged: {e['problem']}; "
+                                                                           f"`ditto rerun {r['run_id']}` rebuilds it"))
     for e in d["evaluations"]:
-        out.print(f"eval {e['model']} {e['language']} {e['metric']} = {e['value']:.3f} (n={e['n']})")
+        out.print(_t(f"eval {e['model']} {e['language']} {e['metric']} = {e['value']:.3f} (n={e['n']})"))
 
 
 @app.command()
-def export(run_id: str, to: Annotated[Path, typer.Option("--to", help="output folder")],
+def export(run_id: str, to: Annotated[Path, typer.Option("--to", help="output folder (new or empty)")],
            format: Annotated[str, typer.Option("--format", help="parquet | jsonl | hf")] = "parquet",
-           home: HomeOpt = None) -> None:
-    """Export a run's data: every stage's shards (parquet/jsonl), or the SFT set as an HF dataset (hf)."""
-    from flows.export import ExportError, export_run
+           home: HomeOpt = None,
+           overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --to folder "
+                                                   "(the new export is written beside it, then swapped in)")] = False,
+           partial: Annotated[bool, typer.Option("--partial", help="export a run that is not completed (running, "
+                                                 "failed, interrupted): its done shards only")] = False) -> None:
+    """Export a run's data: every stage's shards (parquet/jsonl), or the SFT set as an HF dataset (hf).
+    Every shard file is verified (size and sha256) first; a damaged one stops the export."""
+    from flows.export import export_run
 
-    try:
-        written = export_run(run_id, to, format, home)
-    except ExportError as exc:
-        _fail(str(exc), 2)
+    _check_run_id(run_id)
+    with _errors():
+        written = export_run(run_id, to, format, home, overwrite=overwrite, partial=partial,
+                             warn=lambda msg: _say("warning: ", msg, style="bold yellow"))
     for p in written:
-        out.print(str(p))
+        out.print(_t(p))
 
 
 @app.command()
 def repair(home: HomeOpt = None) -> None:
-    """Rebuild a missing or corrupted catalog.duckdb from its Parquet snapshot."""
+    """Rebuild a missing or corrupted catalog.duckdb from its Parquet snapshot, or write the snapshot again
+    from a readable catalog. Never discards a readable catalog; refuses while a run holds it (exit 3)."""
     from flows.build import resolve_home
-    from storage.catalog import Catalog, CatalogError
+    from storage.catalog import (
+        CATALOG_FILE,
+        Catalog,
+        CatalogBusy,
+        CatalogCorrupt,
+        CatalogError,
+        catalog_held,
+        snapshot_exists,
+    )
 
     h = resolve_home(home)
-    path = h / "catalog.duckdb"
-    if path.exists():
+    path = h / CATALOG_FILE
+    busy = (f"another ditto process is using {path} (a run in progress): nothing was changed; "
+            f"repair after it has finished")
+    if catalog_held(h):
+        _fail(busy, 3)
+    if path.exists() and path.stat().st_size > 0:
         try:
-            Catalog(h).close()
-            out.print(f"{path} opens fine; nothing to repair")
+            with Catalog(h) as cat:
+                cat.touch_all()
+                n = cat.query("SELECT count(*) AS n FROM runs")[0]["n"]
+            out.print(_t(f"{path} opens fine (snapshot written again: {n} runs); nothing to repair"))
             return
-        except CatalogError:
-            aside = path.with_suffix(".duckdb.corrupt")
+        except CatalogBusy:
+            _fail(busy, 3)
+        except CatalogCorrupt as exc:
+            if not snapshot_exists(h):
+                _fail(f"{exc}; and there is no snapshot under {h / 'snapshot'} to rebuild it from: "
+                      f"the file was left in place", 2)
+            aside = _aside(path)
             path.rename(aside)
-            for wal in (h / "catalog.duckdb.wal",):
-                if wal.exists():
-                    wal.rename(wal.with_suffix(".wal.corrupt"))
-            console.print(f"moved the unreadable catalog to {aside}")
-    with Catalog(h) as cat:
-        cat.restore_from_snapshot()
+            wal = h / (CATALOG_FILE + ".wal")
+            if wal.exists():
+                wal.rename(Path(str(aside) + ".wal"))
+            _say("", f"moved the unreadable catalog to {aside}", style="")
+        except CatalogError as exc:  # unreadable for another reason (permissions...): never moved aside
+            _fail(f"{exc}: nothing was changed", 2)
+    elif not snapshot_exists(h):
+        _fail(f"{h} has no catalog and no snapshot to rebuild one from: nothing to repair "
+              f"(check --home or $DITTO_HOME)", 2)
+    with _errors(), Catalog(h) as cat:  # a new catalog is seeded from the snapshot
         n = cat.query("SELECT count(*) AS n FROM runs")[0]["n"]
-    out.print(f"catalog rebuilt from the snapshot: {n} runs")
+    out.print(_t(f"catalog rebuilt from the snapshot: {n} runs"))
+
+
+@app.command()
+def gc(home: HomeOpt = None,
+       keep_runs: Annotated[int, typer.Option("--keep-runs", help="keep what the last K runs of each dataset "
+                                              "used (and the shards they reused)")] = 7,
+       dry_run: Annotated[bool, typer.Option("--dry-run", help="report what would be removed, remove nothing")]
+       = False, as_json: JsonOpt = False) -> None:
+    """Prune the generation cache (<home>/gencache) to what the last K runs used; refuses while a run
+    holds the catalog (exit 3)."""
+    from flows.build import resolve_home
+    from storage.catalog import Catalog, catalog_held
+    from storage.gencache import GenCacheError, keep_set
+    from storage.gencache import gc as gc_cache
+
+    h = resolve_home(home)
+    if keep_runs < 1:
+        _fail("--keep-runs must be at least 1", 2)
+    if catalog_held(h):
+        _fail(f"another ditto process is using {h / 'catalog.duckdb'} (a run in progress): nothing was pruned", 3)
+    with _errors(), Catalog(h) as cat:  # held for the whole pruning: no run starts meanwhile
+        runs = cat.query("SELECT run_id, dataset, started_at FROM runs")
+        shards = cat.query("SELECT run_id, stage, shard, reused_from FROM shards")
+        try:
+            kept, keep = keep_set(runs, shards, keep_runs)
+            res = gc_cache(h, keep, dry_run=dry_run)
+        except GenCacheError as exc:
+            _fail(str(exc), 2)
+    res["runs_kept"] = kept
+    if as_json:
+        _print_json(res)
+        return
+    b, a = res["before"], res["after"]
+    out.print(_t(f"generation cache {h / 'gencache'}: kept what {len(kept)} runs used ({res['shards_kept']} shards)"))
+    out.print(_t(f"  generations {b['generations']} -> {a['generations']} ({res['generations_removed']} removed), "
+                 f"chunks {b['chunks']} -> {a['chunks']} ({res['chunks_deleted']} deleted, "
+                 f"{res['chunks_rewritten']} rewritten), {b['bytes']} -> {a['bytes']} bytes"
+                 + ("  [dry run: nothing removed]" if dry_run else "")))
+
+
+def _aside(path: Path) -> Path:
+    """<catalog>.corrupt, or .corrupt.2, .3 ...: an earlier moved-aside file is never overwritten."""
+    cand = path.with_suffix(".duckdb.corrupt")
+    i = 2
+    while cand.exists():
+        cand = path.with_suffix(f".duckdb.corrupt.{i}")
+        i += 1
+    return cand
 
 
 @app.command()
@@ -302,14 +504,13 @@ def train(run_id: str, home: HomeOpt = None,
     from flows.build import resolve_home
     from flows.train import train_flow
     from models.config import ConfigError
-    from storage.catalog import CatalogBusy
 
-    try:
-        res = train_flow(run_id=run_id, home=str(resolve_home(home)), overrides=set_ or [], force=force)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    except CatalogBusy as exc:
-        _fail(str(exc), 3)
+    _check_run_id(run_id)
+    with _errors(), _json_stdout(as_json):
+        try:
+            res = train_flow(run_id=run_id, home=str(resolve_home(home)), overrides=set_ or [], force=force)
+        except ConfigError as exc:
+            _fail(str(exc), 2)
     if as_json:
         _print_json(res)
     else:
@@ -326,25 +527,38 @@ def eval_cmd(run_id: str, model: Annotated[list[str] | None, typer.Option(
     from flows.build import resolve_home
     from flows.evaluate import evaluate_flow
     from models.config import ConfigError
-    from storage.catalog import CatalogBusy
 
-    try:
-        res = evaluate_flow(run_id=run_id, home=str(resolve_home(home)), models=model or None,
-                            overrides=set_ or [])
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    except CatalogBusy as exc:
-        _fail(str(exc), 3)
-    finally:
-        from engines.base import close_engines
+    _check_run_id(run_id)
+    with _errors(), _json_stdout(as_json):
+        try:
+            res = evaluate_flow(run_id=run_id, home=str(resolve_home(home)), models=model or None,
+                                overrides=set_ or [])
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        finally:
+            from engines.base import close_engines
 
-        close_engines()
+            close_engines()
     if as_json:
         _print_json(res)
         return
     if res.get("report") and Path(res["report"]).exists():
-        out.print(Path(res["report"]).read_text(encoding="utf-8"), highlight=False)
-    out.print(f"report: {res.get('report')}  plot: {res.get('plot')}")
+        out.print(_t(Path(res["report"]).read_text(encoding="utf-8")), highlight=False)
+    out.print(_t(f"report: {res.get('report')}  plot: {res.get('plot')}"))
+
+
+def _port_free(host: str, port: int) -> str | None:
+    """None if (host, port) can be bound, else why not."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 @app.command()
@@ -355,7 +569,10 @@ def dashboard(home: HomeOpt = None, port: Annotated[int, typer.Option(help="port
     from dashboard.app import serve
     from flows.build import resolve_home
 
-    console.print(f"dashboard on http://{host}:{port}  (home {resolve_home(home)})")
+    why = _port_free(host, port)
+    if why:
+        _fail(f"cannot listen on {host}:{port}: {why} (another dashboard or server uses it?); pick another --port", 4)
+    _say("", f"dashboard on http://{host}:{port}  (home {resolve_home(home)})", style="")
     serve(str(resolve_home(home)), host=host, port=port)
 
 

@@ -35,7 +35,7 @@ LAYOUT_FILE = "_layout.json"  # written once the snapshot is complete in the par
 LAYOUT_VERSION = 2
 LOCK_FILE = "catalog.lock"
 CATALOG_FILE = "catalog.duckdb"
-TABLES = ("runs", "shards", "stage_stats", "models", "evaluations")
+TABLES = ("runs", "shards", "stage_stats", "models", "evaluations", "source_snapshots", "source_pins")
 PATH_COLUMNS = {"shards": ("path", "rejects_path"), "models": ("path",)}
 
 SCHEMA = """
@@ -60,6 +60,12 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS evaluations (
     eval_id VARCHAR, run_id VARCHAR, model VARCHAR, language VARCHAR, metric VARCHAR, value DOUBLE,
     n BIGINT, details JSON, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS source_snapshots (
+    snapshot_id VARCHAR PRIMARY KEY, kind VARCHAR, inputs JSON, params JSON, path VARCHAR, rows BIGINT,
+    bytes BIGINT, sha256 VARCHAR, stats JSON, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS source_pins (
+    run_id VARCHAR, stage VARCHAR, kind VARCHAR, snapshot_id VARCHAR, pinned_at TIMESTAMP,
+    PRIMARY KEY (run_id, stage, kind));
 """
 
 # catalogs written by earlier versions: the columns added since (appended, in SCHEMA's order)
@@ -403,6 +409,11 @@ class Catalog:
                 self._dirty[table] = ALL
             else:
                 self._dirty.setdefault(table, set()).add(run_id)
+
+    def touch_all(self) -> None:
+        """Every partition of every table: the next snapshot writes all of them (`ditto repair`)."""
+        for table in TABLES:
+            self.touch(table, ALL)
 
     def _tx(self, sql: str, params: list | tuple = (), touch: dict[str, Any] | None = None) -> None:
         self._con.execute("BEGIN TRANSACTION")
