@@ -118,19 +118,29 @@ def flat(text: str) -> str:
 
 # -- state checks ---------------------------------------------------------------------------------
 def catalog_rows(home: Path, sql: str, params: list | None = None) -> list[dict]:
-    """Read the live catalog file read-only (only when no ditto process holds it)."""
+    """Read the live catalog file read-only (only when no ditto process holds it). A catalog file without
+    tables (an earlier version killed while creating it, or an empty file) counts as absent, and stored
+    paths come back absolute, as Catalog returns them."""
     import duckdb
 
     path = home / "catalog.duckdb"
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:
         return []
     con = duckdb.connect(str(path), read_only=True)
     try:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if not {"runs", "shards"} <= tables:
+            return []
         cur = con.execute(sql, params or [])
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     finally:
         con.close()
+    for r in rows:
+        for col in ("path", "rejects_path"):
+            if isinstance(r.get(col), str) and r[col] and not r[col].startswith("/"):
+                r[col] = str(Path(home).absolute() / r[col])
+    return rows
 
 
 def temp_files(home: Path, run_id: str) -> list[Path]:
