@@ -325,7 +325,10 @@ def run_details(home: str | None, run_id: str, verify: bool = False) -> dict[str
         })
     run = dict(run)
     run["config"] = json.loads(run["config"]) if run.get("config") else None
-    return _jsonable({"run": run, "stages": stages, "models": models, "evaluations": evals})
+    from tasks.filters.funnel import funnel
+
+    return _jsonable({"run": run, "stages": stages, "models": models, "evaluations": evals,
+                      "funnel": funnel(stages)})
 
 
 def _cache_counts(shards: list[dict]) -> dict[str, int]:
@@ -367,6 +370,10 @@ def show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False,
                             ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "-",
                             s["prompt_tokens"] + s["completion_tokens"], cache, f"{s['seconds']:.1f}")))
     out.print(t)
+    from tasks.filters.funnel import funnel_lines
+
+    for line in ["what was kept and why:", *funnel_lines(d["stages"])] if funnel_lines(d["stages"]) else []:
+        out.print(_t(line))
     for s in d["stages"]:
         for e in s["errors"]:
             out.print(Text(f"{s['stage']}-{e['shard']}", style="red") + _t(f" (attempts {e['attempts']}): {e['error']}"))
