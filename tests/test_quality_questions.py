@@ -32,7 +32,7 @@ def check(q: str, lang: str = "en", **kw) -> str | None:
     ("Amy Kadish,", "bare_name"),
     ("1578920464", "number"),
     (", Question:", "label_echo"),
-    ("The first part", "too_short"),
+    ("The first part", "not_a_question"),
     ("A should ask you about me.", "label_echo"),
     ("Write 3 casual questions addressed to A...", "label_echo"),
     ("Give each a short reason.", "prompt_echo"),
@@ -110,7 +110,7 @@ def test_parse_questions_hook_drops_with_reasons_and_fails_when_none_is_left():
     qs = parse_questions(text, 3, validate=validate, dropped=dropped)
     assert [q["question"] for q in qs] == ["What was your first film like for you?"]
     assert [reason_code(r) for _, r in dropped] == ["bare_name", "duplicate", "number"]
-    with pytest.raises(ParseError, match="no usable question.*label_echo.*too_short"):
+    with pytest.raises(ParseError, match="no usable question.*label_echo.*not_a_question"):
         parse_questions(json.dumps([", Question:", "The first part"]), 3, validate=validate)
     # without a validator the parser behaves as before
     assert len(parse_questions(text, 3)) == 3
@@ -152,3 +152,19 @@ def test_question_config_enters_the_queries_key_not_the_filter_key():
     base, other = load_config(), load_config(overrides=["filter.questions.min_words=6"])
     assert QueriesStage().fingerprint(base) != QueriesStage().fingerprint(other)
     assert FilterStage().fingerprint(base) == FilterStage().fingerprint(other)
+
+
+@pytest.mark.parametrize("q,lang", [
+    # what the bundled 135M generator wrote for the questions of a real run
+    ("What do you know about...?", "en"),
+    ("How do you feel about the above profile?", "en"),
+    ("What does the user want to know?", "en"),
+    ("What do you think about the following characters?", "en"),
+    ("Is there anything else you would like to know about the topic?", "en"),
+    ("The last day of [insert time].", "en"),
+    ("who am i?", "en"),
+    ("根据资料，你出生在哪里？", "zh"),
+    ("你还想了解什么？", "zh"),
+])
+def test_questions_about_the_task_are_dropped(q, lang):
+    assert check(q, lang) in ("meta", "prompt_echo")

@@ -66,12 +66,13 @@ class QuestionsConfig(Strict):
     reason; a call with no valid question is re-sampled, then rejected."""
 
     enabled: bool = Field(True, description="validate synthesised questions in the queries stage")
-    min_words: int = Field(4, ge=1, description="fewest words of an English (non-CJK) question")
+    min_words: int = Field(3, ge=1, description="fewest words of an English (non-CJK) question")
     max_words: int = Field(60, ge=2, description="most words of an English (non-CJK) question")
     min_chars_zh: int = Field(5, ge=1, description="fewest CJK characters of a Chinese question")
     max_chars_zh: int = Field(120, ge=2, description="most CJK characters of a Chinese question")
     min_cjk_ratio_zh: float = Field(0.5, ge=0, le=1, description="least CJK share among letters of a zh question")
-    second_person: bool = Field(True, description="the question must address the character (you / 你 / 您)")
+    second_person: bool = Field(True, description="a question naming the character must address it (you / 你 / "
+                                                   "您), not speak of it in the third person")
     echo_ngram: int = Field(4, ge=2, description="word n-gram size for detecting the prompt's instructions copied")
     echo_ngram_zh: int = Field(4, ge=2, description="character n-gram size, Chinese")
     echo_share: float = Field(0.5, gt=0, le=1, description="share of a question's n-grams found in the prompt "

@@ -7,7 +7,7 @@ piece of the prompt, nor a repeat of another question of the same call.
 
 `validate_question` answers None (valid) or a reason "code: detail"; the code (the part before the colon)
 is what the stage counts per reason ("question.<code>"). Codes: too_short, too_long, number, bare_name,
-label_echo, prompt_echo, wrong_language, degenerate, not_a_question, not_second_person, duplicate.
+label_echo, prompt_echo, wrong_language, degenerate, meta, not_a_question, not_second_person, duplicate.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from models.config.filter import QuestionsConfig
 from tasks.filters.text import cjk_ratio, normalise, tokens
 
 CODES = ("too_short", "too_long", "number", "bare_name", "label_echo", "prompt_echo", "wrong_language",
-         "degenerate", "not_a_question", "not_second_person", "duplicate")
+         "degenerate", "meta", "not_a_question", "not_second_person", "duplicate")
 
 _LABEL_PREFIX = re.compile(r"^\W*(?:questions?|answers?|reasons?|q|a|问题|回答|答案|理由)\s*\d*\s*[:：]", re.I)
 _LABEL_ANYWHERE = re.compile(r"\b(?:questions?|answers?|reasons?)\s*\d*\s*:", re.I)
@@ -45,7 +45,17 @@ _REQUEST_ZH = re.compile(r"^\W*(?:请|能否|可否|能不能|可不可以|麻�
                          r"回忆|讲述|告诉|解释)")
 _WH_ZH = re.compile(r"[?？]|吗|呢|什么|怎么|怎样|如何|为什么|为何|哪|谁|几|多少|是否|是不是|有没有|能否|可否|难道|何")
 _PLACEHOLDER = re.compile(r"^\W*(?:\.\.\.|…|etc\.?|n/?a|none|null|todo|tbd|xxx+|\?+)\W*$", re.I)
-_FIELD = re.compile(r"\{[a-z_]+\}|<<<|>>>|\[\{|\}\]|\"question\"|\"reason\"")
+_FIELD = re.compile(r"\{[a-z_]+\}|<<<|>>>|\[\{|\}\]|\"question\"|\"reason\"|(?:\.\.\.|…)\s*[?？]\s*$|\[insert\b|"
+                    r"\[(?:name|date|time|place|topic|character|your \w+)\]", re.I)
+# about the task rather than the character's life: the prompt, profile, user, document; or the interviewer's
+# side turned round ("what would you like to know", "who am I?")
+_META_EN = re.compile(
+    r"\b(?:the|this|that|above|following|given|provided) (?:profile|document|text|prompt|template|json|format|"
+    r"instructions?|task|passage|article|topic)\b|\bthe user\b|\b(?:the )?(?:above|following) (?:\w+ )?"
+    r"(?:characters?|questions?|profiles?)\b|\b(?:would you like|do you want|did you want) to know\b|"
+    r"\banything else\b|\b(?:can|may|shall) i (?:help|assist)\b|^\W*who am i\b|\bcharacter (?:a|b)\b", re.I)
+_META_ZH = re.compile(r"资料|简介|提示|模板|格式|用户|上述|以上|下面的(?:角色|问题)|(?:你|您)还?(?:想|想要)(?:知道|了解)|"
+                      r"还有(?:什么|其他)(?:问题|需要)|我是谁")
 
 
 def _words(text: str) -> list[str]:
@@ -130,6 +140,9 @@ def validate_question(text: str, language: str, *, a_label: str = "", b_label: s
         norm = normalise(core)
         if len(norm) >= (12 if zh else 30) and norm in normalise(prompt_text) and not re.search(r"[?？]", q):
             return "prompt_echo: copied verbatim from the prompt"
+    m = (_META_ZH if zh else _META_EN).search(q)
+    if m:
+        return f"meta: about the task, not the character's life: {m.group(0)!r}"
     # a question or a request, addressed to the character
     if zh:
         if not (_WH_ZH.search(q) or _REQUEST_ZH.match(q)):

@@ -105,8 +105,8 @@ _HOW_I_WORK_EN = re.compile(
 _HOW_I_WORK_ZH = re.compile(r"(?:^|\n)\s*(?:\d+[.、)）]|[-*•]|[一二三四五]、)\s*(?:我会|我将|我可以|提供|回答|使用|保持|确保|避免|注意)")
 FIRST_PERSON_EN = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|our|us)\b")
 FIRST_PERSON_ZH = re.compile(r"我|咱|俺|本人|吾|朕|寡人|在下|老夫|本王|本官|本座|小女子|妾身|贫道|老朽|洒家|本宫")
-THIRD_EN = re.compile(r"\b(?:he|she|his|her|him|they)\b")
-THIRD_ZH = re.compile(r"他|她")
+THIRD_EN = re.compile(r"\b(?:he|she|his|her|him)\b")  # not 'they': the people around the character
+THIRD_ZH = re.compile(r"[他她](?!们)")
 THIRD_VERB_AFTER = re.compile(r"\s+(?:was|is|had|has|became|served|lived|died|wrote|remains|were|did)\b")
 
 
@@ -309,7 +309,7 @@ REFUSAL_EN = [
     r"\b(?:i|we)\s+(?:do not|don't|did not|didn't|cannot|can't|could not|couldn't|can ?not)\s+(?:really |truly )?"
     r"(?:know|say|tell|answer|speak|comment|recall|understand|imagine|fathom|claim)\b",
     r"\b(?:i'm|i am|i was)\s+(?:not|never)\s+(?:familiar|aware|acquainted|versed|able to (?:answer|say|speak))",
-    r"\bnever (?:heard|been told|learned|encountered|known|come across)\b",
+    r"\bnever (?:heard|been told|encountered|known|come across)\b",
     r"\bunfamiliar\b|\b(?:beyond|outside(?: of)?) (?:my|the) (?:time|era|knowledge|ken|understanding|experience|world|"
     r"expertise|day)\b",
     r"\bi (?:have|had) no (?:idea|knowledge|notion|way of knowing|experience|acquaintance)\b",
@@ -332,21 +332,54 @@ REFUSAL_OTHER = [
 ]
 
 
+# The in-role denials a character gives to a question about a life it did not live ("I never ruled any
+# empire", "None; I was never an actor", "I built no pyramid", "that was Michelangelo"). Weak on their own:
+# a role-specific answer may say "I never learned to swim". They count for contrastive turns (refused or
+# not) but never make a role-specific answer 'unwarranted'.
+REFUSAL_WEAK_EN = [
+    r"^\W*(?:none|nothing|never|no|not i|not me|neither|nor i)\b",
+    r"\b[a-z]+, not (?:a |an |the |any )?[a-z]+\b",
+    r"\bi (?:have |had )?never\b|\bi(?:'ve| have) not ever\b|\bnever (?:in my life|once)\b",
+    r"\bi (?:did not|didn't|was not|wasn't|were not) (?:\w+ )?(?:there|born|alive|do|did|have|ever|in|at|on|a|an|"
+    r"the|any)\b|^\W*i did not\b|^\W*i didn't\b",
+    r"\bi (?:\w+ ){1,2}(?:no|nothing|none|naught)\b(?! (?:doubt|matter|longer|less|more)\b)",
+    r"\b(?:not sure what you mean|do not understand|don't understand|what is this \w+|what (?:is|are) (?:a|an) \w+\?)",
+    r"\b(?:no|never) (?:such|one|man|woman) (?:\w+ )?(?:has|have|could|can|did|was|is)?\b|\bnor can any\b",
+    r"\b(?:centuries|years|long|ages) (?:before|after) (?:i|my)\b|\b(?:before|after) my (?:time|day|birth)\b|"
+    r"\bin my (?:day|time|era)\b|\bthat was (?:not me|someone else|[a-z]+ [a-z]+'s)\b",
+    r"\b(?:wrong (?:person|man|woman)|mistak(?:e|en) me|confus(?:e|ed|ing) me with|mixed me up|mix me up)\b",
+    r"\b(?:i'm|i am) afraid not\b|\bnot (?:one|something) (?:i|i've|i have)\b|\bi could never\b",
+]
+REFUSAL_WEAK_ZH = [
+    r"[一半](?:块|分|次|种|个|位|点|件|本|场|首|部)?(?:也|都)没|什么\S{0,4}也没有|从没|从来没|从未|没\S{0,3}过|"
+    r"不是我|(?:我)?不明白|哪里都没|我没有|不在那里|并非我|弄混|认错人|搞错|搞混|我只是\S{0,10}(?:而已|罢了)|"
+    r"不是[^，。！？]{1,12}[。！!]|(?:之前|之后)很久|几百年(?:前|后)|几个世纪|我(?:出生|降生)(?:前|之前|以前)",
+]
+
+
 class RefusalClassifier:
-    """Patterns over the answer's first sentences: the paper's refusals explain themselves up front."""
+    """Patterns over the answer's first sentences: the paper's refusals explain themselves up front.
+    `score` counts the strong patterns (an explicit "I don't know", "never heard of it"); `weak=True` adds
+    the in-role denials ("I never ruled any empire"), which decide contrastive turns only."""
 
     def __init__(self, head_sentences: int = 2):
         self.head = head_sentences
         self.en = re.compile("|".join(REFUSAL_EN + REFUSAL_OTHER))
         self.zh = re.compile("|".join(REFUSAL_ZH + REFUSAL_OTHER))
+        self.en_weak = re.compile("|".join(REFUSAL_WEAK_EN))
+        self.zh_weak = re.compile("|".join(REFUSAL_WEAK_ZH))
 
-    def score(self, text: str, language: str | None) -> float:
+    def score(self, text: str, language: str | None, weak: bool = False) -> float:
         head = " ".join(sentences(text[:600])[:self.head]).lower() or text.lower()
-        pattern = self.zh if (language or guess_language(text)) == "zh" else self.en
-        return float(len(pattern.findall(head)))
+        zh = (language or guess_language(text)) == "zh"
+        n = len((self.zh if zh else self.en).findall(head))
+        if weak and n == 0:
+            n = 0.5 * len((self.zh_weak if zh else self.en_weak).findall(head))
+        return float(n)
 
-    def refused(self, text: str, language: str | None = None) -> bool:
-        return self.score(text, language) >= 1
+    def refused(self, text: str, language: str | None = None, weak: bool = True) -> bool:
+        """Any refusal, in-role denials included: what an evaluation of contrastive turns counts."""
+        return self.score(text, language, weak) > 0
 
 
 class RefusalFilter(RowFilter):
@@ -360,10 +393,10 @@ class RefusalFilter(RowFilter):
         self.clf = RefusalClassifier(cfg.head_sentences)
 
     def check(self, item: Item) -> Drop | None:
-        s = self.clf.score(item.answer, item.language)
-        item.scores["refusal"] = s
         kind = item.row.get("kind")
-        if kind == "contrastive" and s < 1 and self.cfg.contrastive_must_refuse:
+        s = self.clf.score(item.answer, item.language, weak=kind == "contrastive")
+        item.scores["refusal"] = s
+        if kind == "contrastive" and s <= 0 and self.cfg.contrastive_must_refuse:
             return Drop("refusal.missed", "contrastive question answered instead of refused in role", s)
         if kind == "role_specific" and s >= 1 and self.cfg.role_specific_must_answer:
             return Drop("refusal.unwarranted", "role-specific question refused", s)
