@@ -213,6 +213,14 @@ _DECODER = json.JSONDecoder()
 LABEL_SCHEMA = pa.schema([("id", pa.string()), ("lang", pa.string()), ("label", pa.string()), ("line", pa.int64())])
 
 
+KIND_DATA = pa.schema([("kind", pa.string()), ("data", pa.string())])
+
+
+def _columns(schema: pa.Schema, *columns: list) -> pa.Table:
+    # pa.table / from_pydict import pandas to check for DataFrames (seconds at start-up): build from arrays
+    return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
+
+
 def _cheap_labels(line: bytes) -> tuple[str, dict] | None:
     """(entity id, labels object) without parsing the claims: the official layout puts "id" in the first
     bytes and "labels" before "descriptions"; anything else falls back to a full parse."""
@@ -329,7 +337,7 @@ class DumpScan:
         rows += [("label", json.dumps([k, v], ensure_ascii=False)) for k, v in sorted(self.labels.items())]
         rows += [("reject", r.model_dump_json()) for r in self.rejects]
         rows.append(("stats", json.dumps(self.stats)))
-        return pa.table({"kind": [k for k, _ in rows], "data": [d for _, d in rows]})
+        return _columns(KIND_DATA, [k for k, _ in rows], [d for _, d in rows])
 
     @classmethod
     def from_table(cls, table: pa.Table) -> DumpScan:
@@ -425,9 +433,8 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
                         heapq.heappushpop(unlabeled, item)
                 if res["lab_ids"]:
                     # line = the entity's dump line: a later copy of an entity replaces its labels whole
-                    writer.write_table(pa.table({"id": res["lab_ids"], "lang": res["lab_langs"],
-                                                 "label": res["lab_vals"], "line": [base + j for j in res["lab_lines"]]},
-                                                schema=writer.schema))
+                    writer.write_table(_columns(LABEL_SCHEMA, res["lab_ids"], res["lab_langs"], res["lab_vals"],
+                                                [base + j for j in res["lab_lines"]]))
                 parsed += res["parsed"]
                 unreadable += res["unreadable"]
                 opened = opened or res["opened"]
