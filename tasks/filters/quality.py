@@ -17,23 +17,28 @@ _ITEM_LINE = re.compile(r"(?m)^\s*(?:\(?\d{1,3}[.)、）]|[-*•·]|[一二三�
 _SEGMENT = re.compile(r"[,，、;；]")
 
 
+def _tokens(text: str) -> list[str]:
+    return text.lower().split() if text.isascii() else tokens(text)
+
+
 def repeated_share(toks: list[str], n: int) -> tuple[float, tuple[str, ...] | None]:
     """Share of n-gram occurrences that repeat an earlier n-gram of the same text, and the most repeated."""
-    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+    grams = list(zip(*(toks[i:] for i in range(n)), strict=False))  # the shorter tails end it
     if not grams:
         return 0.0, None
-    counts = Counter(grams)
-    top, k = counts.most_common(1)[0]
-    return 1.0 - len(counts) / len(grams), (top if k > 1 else None)
+    share = 1.0 - len(set(grams)) / len(grams)
+    if share == 0:
+        return 0.0, None
+    top, k = Counter(grams).most_common(1)[0]
+    return share, (top if k > 1 else None)
 
 
 def longest_run_on(text: str, zh: bool) -> int:
     """The longest run of short comma/、-separated segments (list items strung into one sentence)."""
     best = run = 0
     for seg in _SEGMENT.split(text):
-        t = tokens(seg)
-        short = 0 < len(t) <= (4 if zh else 3)
-        run = run + 1 if short else 0
+        k = len(_tokens(seg))
+        run = run + 1 if 0 < k <= (4 if zh else 3) else 0
         best = max(best, run)
     return best
 
@@ -41,19 +46,21 @@ def longest_run_on(text: str, zh: bool) -> int:
 def degeneration(text: str, language: str, cfg: DegenerationConfig) -> tuple[str | None, float]:
     """(reason or None, repeated n-gram share)."""
     zh = language == "zh"
-    toks = tokens(text)
+    toks = [t.strip(".,;:!?\"'()") for t in _tokens(text)] if text.isascii() else tokens(text)
     n = cfg.ngram_zh if zh else cfg.ngram
     share, top = (repeated_share(toks, n) if len(toks) >= cfg.min_tokens else (0.0, None))
     share = round(share, 4)
     if share > cfg.max_repeated_share:
         sep = "" if zh else " "
         return (f"repeated {n}-grams: {share:.0%} of them repeat, e.g. {sep.join(top or ())!r}", share)
-    items = len(_ITEM_LINE.findall(text))
-    if items > cfg.max_list_items:
-        return f"run-on list: {items} list items > {cfg.max_list_items}", share
-    run = longest_run_on(text, zh)
-    if run >= 2 * cfg.max_list_items:
-        return f"run-on list: {run} short items in a row", share
+    if "\n" in text:
+        items = len(_ITEM_LINE.findall(text))
+        if items > cfg.max_list_items:
+            return f"run-on list: {items} list items > {cfg.max_list_items}", share
+    if sum(text.count(c) for c in ",，、;；") >= 2 * cfg.max_list_items - 1:
+        run = longest_run_on(text, zh)
+        if run >= 2 * cfg.max_list_items:
+            return f"run-on list: {run} short items in a row", share
     return None, share
 
 

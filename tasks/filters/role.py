@@ -123,13 +123,43 @@ def guess_language(text: str) -> str:
     return "zh" if cjk_ratio(text[:400]) > 0.3 else "en"
 
 
+# Literal anchors of each META_TALK_EN pattern (one of them must occur for the pattern to match): a C-level
+# substring test skips the regexes on most answers (one alternation of all of them runs at ~1k texts/s).
+_META_ANCHORS_EN = [
+    ("respons", "repl", "output"), ("respons", "repl"), ("format",), ("templat", "placeholder"),
+    ("click", "http", "www.", ".com", ".org", ".net", ".io", "link", "subscribe", "sign ", "log", "scroll"),
+    ("just ", "continue reading", "read more"),
+    ("platform", "site", "app", "interface", "chat", "forum", "thread", "post"),
+    ("instruct", "guideline", "rules"), ("user", "query", "prompt"), (":",), ("character ", "role ", "person "),
+    ("here", "hope this", "feel free", "let me know", "questions", "anything else"),
+    ("respons", "answer", "repl", "scenario", "exercise", "task", "dialogue", "conversation"),
+    ("question",), ("step",),
+]
+
+
+class _Anchored:
+    """Patterns each guarded by literal anchors; `search` returns the first match or None."""
+
+    def __init__(self, patterns: list[str], anchors: list[tuple[str, ...]]):
+        assert len(patterns) == len(anchors)
+        self.parts = [(a, re.compile(p)) for p, a in zip(patterns, anchors, strict=True)]
+
+    def search(self, text: str):
+        for anchors, rx in self.parts:
+            if any(a in text for a in anchors):
+                m = rx.search(text)
+                if m:
+                    return m
+        return None
+
+
 @cache
 def _compiled(extra: tuple[str, ...] = ()) -> dict[str, re.Pattern]:
     extra_l = [p.lower() for p in extra]
     return {"assistant_en": re.compile("|".join(ASSISTANT_EN + META_EN)),
             "assistant_zh": re.compile("|".join(ASSISTANT_ZH + META_ZH + ASSISTANT_EN + META_EN)),
-            "meta_en": re.compile("|".join(META_TALK_EN)),
-            "meta_zh": re.compile("|".join(META_TALK_ZH + META_TALK_EN)),
+            "meta_en": _Anchored(META_TALK_EN, _META_ANCHORS_EN),
+            "meta_zh": re.compile("|".join(META_TALK_ZH)),
             "extra": re.compile("|".join(extra_l)) if extra_l else None}
 
 
@@ -145,12 +175,14 @@ class RoleClassifier:
     def meta_talk(self, text: str, language: str | None = None) -> str | None:
         low = text.lower()
         zh = (language or guess_language(text)) == "zh"
-        m = (self.rx["meta_zh"] if zh else self.rx["meta_en"]).search(low)
+        m = self.rx["meta_en"].search(low)
+        if m is None and zh:
+            m = self.rx["meta_zh"].search(low)
         if m is None and self.meta_extra is not None:
             m = self.meta_extra.search(low)
         if m is not None:
             return m.group(0).strip()
-        m = (_HOW_I_WORK_ZH if zh else _HOW_I_WORK_EN).search(low)
+        m = (_HOW_I_WORK_ZH if zh else _HOW_I_WORK_EN).search(low) if "\n" in low else None
         if m is not None and len((_HOW_I_WORK_ZH if zh else _HOW_I_WORK_EN).findall(low)) >= 2:
             return "numbered list of how it works: " + m.group(0).strip()[:40]
         return None
@@ -364,8 +396,9 @@ class RefusalClassifier:
 
     def __init__(self, head_sentences: int = 2):
         self.head = head_sentences
-        self.en = re.compile("|".join(REFUSAL_EN + REFUSAL_OTHER))
-        self.zh = re.compile("|".join(REFUSAL_ZH + REFUSAL_OTHER))
+        self.en = re.compile("|".join(REFUSAL_EN))
+        self.zh = re.compile("|".join(REFUSAL_ZH))
+        self.other = re.compile("|".join(REFUSAL_OTHER))  # apart: joined to the others it slows them ten-fold
         self.en_weak = re.compile("|".join(REFUSAL_WEAK_EN))
         self.zh_weak = re.compile("|".join(REFUSAL_WEAK_ZH))
 
@@ -373,6 +406,8 @@ class RefusalClassifier:
         head = " ".join(sentences(text[:600])[:self.head]).lower() or text.lower()
         zh = (language or guess_language(text)) == "zh"
         n = len((self.zh if zh else self.en).findall(head))
+        if n == 0 and language not in ("en", "zh"):
+            n = len(self.other.findall(head))
         if weak and n == 0:
             n = 0.5 * len((self.zh_weak if zh else self.en_weak).findall(head))
         return float(n)
