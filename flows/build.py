@@ -203,7 +203,7 @@ def collect_source(job: SourceJob | dict[str, Any]) -> SourceResult:
     warnings = []
     empty = sum(1 for k in range(n) if not parts[k])
     if rows and n > keys:
-        warnings.append(f"{n} shards for {keys} {job.stage} rows: {empty} shards are empty and every stage writes "
+        warnings.append(f"{n} shards for {keys} {job.stage}: {empty} shards are empty and every stage writes "
                         f"an empty file for each (set runner.num_shards to at most {keys}, or leave it unset and "
                         f"let characters.shard_size decide)")
     return SourceResult(num_shards=n, shards=metas, warnings=warnings, snapshots=used)

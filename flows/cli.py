@@ -302,6 +302,9 @@ def run_details(home: str | None, run_id: str, verify: bool = False) -> dict[str
         stats = {s["stage"]: s for s in rd.stage_stats(run_id)}
         models = rd.query("SELECT * FROM models WHERE run_id=?", [run_id])
         evals = rd.query("SELECT eval_id, model, language, metric, value, n FROM evaluations WHERE run_id=?", [run_id])
+        from flows.report import show_extras
+
+        extras = show_extras(rd, run_id)  # notes (empty stages, warnings) and what changed since the last run
     stages = []
     for name in sorted({s["stage"] for s in shards} | set(stats), key=lambda s: (STAGE_ORDER + [s]).index(s)):
         ss = [s for s in shards if s["stage"] == name]
@@ -328,7 +331,7 @@ def run_details(home: str | None, run_id: str, verify: bool = False) -> dict[str
     from tasks.filters.funnel import funnel
 
     return _jsonable({"run": run, "stages": stages, "models": models, "evaluations": evals,
-                      "funnel": funnel(stages)})
+                      "funnel": funnel(stages), **extras})
 
 
 def _cache_counts(shards: list[dict]) -> dict[str, int]:
@@ -382,6 +385,10 @@ def show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False,
                                                                            f"`ditto rerun {r['run_id']}` rebuilds it"))
     for e in d["evaluations"]:
         out.print(_t(f"eval {e['model']} {e['language']} {e['metric']} = {e['value']:.3f} (n={e['n']})"))
+    from flows.report import show_lines
+
+    for line in show_lines(d):
+        out.print(_t(line))
 
 
 @app.command()

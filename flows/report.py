@@ -235,14 +235,12 @@ def run_notes(db: Any, run_id: str) -> list[str]:
     return notes
 
 
-def metrics_lines(db: Any, run_id: str) -> list[str]:
-    """One line per stage with recorded timing metrics."""
+def metrics_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """One line per stage with recorded timing metrics (stage rows with "stage" and "metrics")."""
     from flows.stages import STAGE_ORDER
 
-    stats = db.query("SELECT stage, metrics FROM stage_stats WHERE run_id = ?", [run_id])
-    stats.sort(key=lambda s: STAGE_ORDER.index(s["stage"]) if s["stage"] in STAGE_ORDER else 99)
     lines = []
-    for s in stats:
+    for s in sorted(stages, key=lambda s: STAGE_ORDER.index(s["stage"]) if s["stage"] in STAGE_ORDER else 99):
         m = _metrics(s)
         if not m.get("shards_computed"):
             continue
@@ -252,25 +250,25 @@ def metrics_lines(db: Any, run_id: str) -> list[str]:
         e = m.get("engine") or {}
         if e.get("requests"):
             parts.append(f"engine busy {e.get('busy_seconds', 0):.1f}s, mean running {e.get('mean_running', 0):.1f}")
-        if m.get("resampled"):
-            parts.append(f"re-sampled {m['resampled']}")
+        if m.get("resampled") or e.get("resampled"):
+            parts.append(f"re-sampled {m.get('resampled') or e.get('resampled')}")
         if m.get("cache_hits") or m.get("cache_misses"):
             parts.append(f"cache {m.get('cache_hits', 0)} hits / {m.get('cache_misses', 0)} misses")
         lines.append(f"  {s['stage']}: " + ", ".join(parts))
-    return ["metrics:", *lines] if lines else []
+    return ["timing:", *lines] if lines else []
 
 
 def show_extras(db: Any, run_id: str) -> dict[str, Any]:
     """What `ditto show` adds to the stage table (also in its --json output)."""
-    return {"notes": run_notes(db, run_id), "metrics": metrics_lines(db, run_id),
-            "changes": what_changed(db, run_id)}
+    return {"notes": run_notes(db, run_id), "changes": what_changed(db, run_id)}
 
 
-def show_lines(extras: dict[str, Any]) -> list[str]:
-    lines = [f"note: {n}" for n in extras.get("notes") or []]
-    lines += extras.get("metrics") or []
-    if extras.get("changes"):
-        lines += changes_lines(extras["changes"])
+def show_lines(details: dict[str, Any]) -> list[str]:
+    """Notes, per-stage timing and what changed, as plain text lines (`details`: `ditto show --json`)."""
+    lines = [f"note: {n}" for n in details.get("notes") or []]
+    lines += metrics_lines(details.get("stages") or [])
+    if details.get("changes"):
+        lines += changes_lines(details["changes"])
     return lines
 
 

@@ -4,6 +4,7 @@ filter stage's independence from other shards' duplicates."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -182,3 +183,36 @@ def test_shard_fingerprint_changes_with_content_even_at_the_same_size_and_mtime(
     filtered(tmp_path, 0, [{**turn, "id": make_turn("Q517@en", text)["id"]}])
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert dedup.shard_fingerprint(path) != before
+
+
+@pytest.mark.parametrize("shards", [{0: [], 1: []}, {0: []}, {}])
+def test_global_step_over_empty_shards_decides_nothing(tmp_path, shards):
+    stage = DedupStage()
+    up = {"filter": {s: filtered(tmp_path, s, t) for s, t in shards.items()}}
+    plan = stage.prepare(CFG, tmp_path, "r0", up)
+    assert set(plan) == set(shards)
+    for s in shards:
+        out = dedup_run(tmp_path, up["filter"][s], plan[s], s)
+        assert out.rows == [] and out.rejects == [] and funnel_ok(out)
+
+
+def test_zero_kept_turns_is_a_completed_run_with_empty_shards_and_a_note(tmp_path, fake_overrides, list_source):
+    """sessions.min_turns above every session's length: nothing survives the filter. Dedup and sft_data run
+    on empty shards, the run completes (and a rerun too), and `ditto show` says why the dataset is empty."""
+    from flows.build import rerun, run_build
+    from flows.report import run_notes
+    from storage.reader import CatalogReader
+
+    home = tmp_path / "h"
+    ov = [*fake_overrides, "sessions.min_turns=100", "filter.identity.enabled=false"]
+    s = run_build(overrides=ov, home=home, run_id="empty")
+    assert s["status"] == "completed" and s["stages"]["sft_data"]["rows_out"] == 0
+    assert json.loads(s["stages"]["filter"]["dropped"]).get("min_turns", 0) > 0
+    with CatalogReader(home) as rd:
+        for stage in ("dedup", "sft_data"):
+            shards = rd.shards("empty", stage)
+            assert len(shards) == s["num_shards"] and all(r["status"] == "done" and r["rows"] == 0 for r in shards)
+        notes = run_notes(rd, "empty")
+    assert any(n.startswith("filter kept no rows") and "min_turns=" in n and "dedup, sft_data ran on empty shards"
+               in n for n in notes), notes
+    assert rerun("empty", home)["status"] == "completed"

@@ -52,7 +52,7 @@ def test_run_writes_every_stage_and_rerun_skips_done_shards(tmp_path, fake_overr
 
 
 def test_new_run_reuses_identical_shards_and_recomputes_only_the_changed_one(tmp_path):
-    # 4 shards with >= 2 characters each, so no shard needs a partner from another shard
+    # 4 shards with 3 characters each
     pool = [c for c in make_characters(40)]
     chosen, per = [], {k: 0 for k in range(4)}
     for c in pool:
@@ -71,7 +71,18 @@ def test_new_run_reuses_identical_shards_and_recomputes_only_the_changed_one(tmp
     f.write_text("\n".join(json.dumps(c) for c in [*chosen, extra]))
     third = run_build(overrides=ov, home=home, until="responses")["run_id"]
     reused = {k: r["reused_from"] for k, r in _shards(home, third, "queries").items()}
-    assert reused[0] is None and all(reused[k] == first for k in (1, 2, 3))
+    # partners come from the whole run: the new character's shard and the shards whose pairs it joins
+    # (its partners', and any character whose draw it took) are rebuilt; the others are reused
+    from tasks.queries import plan_pairs
+
+    def plan(rows):
+        return {k: {p for p in plan_pairs(rows, 2, 0) if k in {shard_of(r.split("@")[0], 4) for r in p}}
+                for k in range(4)}
+
+    old, new = plan(chosen), plan([*chosen, extra])
+    changed = {0} | {k for k in range(4) if old[k] != new[k]}
+    assert {k for k, v in reused.items() if v is None} == changed and len(changed) < 4
+    assert all(reused[k] == first for k in set(range(4)) - changed)
     assert sum(1 for r in _rows(home, third, "queries") if r["character_id"] == f"{extra['id']}@en") > 0
     fresh = run_build(overrides=ov, home=home, until="queries", fresh=True)["run_id"]
     assert all(r["reused_from"] is None for r in _shards(home, fresh, "queries").values())
@@ -127,3 +138,192 @@ def test_resume_continues_a_run_whose_config_gained_new_defaults(tmp_path, fake_
     s = run_build(overrides=[*fake_overrides, "runner.max_workers=3"], home=home, until="characters",
                   run_id="old", resume=True)
     assert s["status"] == "completed"
+
+
+# -- pipelined stages ------------------------------------------------------------------------------
+FAST = ["filter.identity.enabled=false"]
+
+
+def _all_rows(home, run_id, stages):
+    out = {}
+    for stage in stages:
+        rows = _rows(home, run_id, stage)
+        out[stage] = sorted(json.dumps(r, sort_keys=True, default=str) for r in rows)
+        rej = []
+        for r in _shards(home, run_id, stage).values():
+            if r["rejects_path"]:
+                rej += table_rows(read_table(r["rejects_path"]))
+        out[f"{stage}-rejects"] = sorted(json.dumps(r, sort_keys=True, default=str) for r in rej)
+    return out
+
+
+def test_pipelined_run_writes_the_same_rows_as_a_stage_by_stage_run(tmp_path, fake_overrides):
+    from flows.stages import STAGE_ORDER
+
+    ov = [*fake_overrides, *FAST]
+    piped = run_build(overrides=ov, home=tmp_path / "a", run_id="same")
+    assert piped["status"] == "completed"
+    for stage in STAGE_ORDER:  # one stage per invocation: every stage waits for all of the previous one
+        staged = run_build(overrides=ov, home=tmp_path / "b", run_id="same", until=stage)
+        assert staged["status"] == "completed"
+        assert all(r["status"] == "done" for r in _shards(tmp_path / "b", "same", stage).values())
+    a, b = _all_rows(tmp_path / "a", "same", STAGE_ORDER), _all_rows(tmp_path / "b", "same", STAGE_ORDER)
+    assert a["sft_data"] and a == b
+
+
+def test_stages_overlap_shard_k_does_not_wait_for_the_whole_previous_stage(tmp_path, fake_overrides, monkeypatch):
+    """Queries shard 0 finishes only once some responses shard has started: a flow that waits for every
+    queries shard before starting responses never lets it finish (it gives up after 60 s and says so)."""
+    import threading
+
+    from tasks.queries import QueriesStage
+    from tasks.responses import ResponsesStage
+
+    responses_started = threading.Event()
+    waited = {}
+    q_run, r_run = QueriesStage.run, ResponsesStage.run
+
+    def queries_run(self, ctx, inputs):
+        if ctx.shard == 0:
+            waited["ok"] = responses_started.wait(60)
+        return q_run(self, ctx, inputs)
+
+    def responses_run(self, ctx, inputs):
+        responses_started.set()
+        return r_run(self, ctx, inputs)
+
+    monkeypatch.setattr(QueriesStage, "run", queries_run)
+    monkeypatch.setattr(ResponsesStage, "run", responses_run)
+    s = run_build(overrides=[*fake_overrides, "runner.max_workers=2"], home=tmp_path / "h", until="responses")
+    assert s["status"] == "completed" and waited == {"ok": True}
+    q = _shards(tmp_path / "h", s["run_id"], "queries")
+    r = _shards(tmp_path / "h", s["run_id"], "responses")
+    started = {k: json.loads(v["stats"])["started"] for k, v in r.items()}
+    ended0 = json.loads(q[0]["stats"])["ended"]
+    assert min(started.values()) < ended0  # a responses shard ran while queries shard 0 was still running
+
+
+def test_engine_loads_once_per_run_in_the_background_while_the_source_is_read(tmp_path, fake_overrides, monkeypatch):
+    import threading
+
+    from engines import base
+    from engines.fake import FakeEngine
+
+    threads = []
+
+    class Recording(FakeEngine):
+        def load(self):
+            threads.append(threading.current_thread().name)
+            super().load()
+
+    monkeypatch.setattr("engines.fake.FakeEngine", Recording)
+    base.close_engines()
+    try:
+        s = run_build(overrides=fake_overrides, home=tmp_path / "h", until="responses")
+        assert s["status"] == "completed"
+        assert threads == ["engine-preload"]
+        again = rerun(s["run_id"], tmp_path / "h")  # nothing to generate: the engine is not loaded again
+        assert again["status"] == "completed" and threads == ["engine-preload"]
+    finally:
+        base.close_engines()
+
+
+def test_stage_metrics_are_recorded_per_stage(tmp_path, fake_overrides):
+    s = run_build(overrides=fake_overrides, home=tmp_path / "h", until="responses")
+    with CatalogReader(tmp_path / "h") as rd:
+        rows = {r["stage"]: json.loads(r["metrics"]) for r in rd.query(
+            "SELECT stage, metrics FROM stage_stats WHERE run_id=?", [s["run_id"]])}
+    m = rows["responses"]
+    assert m["shards_computed"] == 4 and m["wall_s"] > 0 and m["shard_seconds"] >= m["wall_s"] * 0.999
+    assert m["completion_tokens"] > 0 and m["completion_tokens_per_wall_s"] == pytest.approx(
+        m["completion_tokens"] / m["wall_s"], rel=0.01)
+    assert m["engine"]["requests"] == s["stages"]["responses"]["requests"] and m["engine"]["busy_seconds"] >= 0
+
+
+def test_a_code_change_recomputes_that_stage_and_what_follows_only(tmp_path, fake_overrides, monkeypatch):
+    import flows.build as build
+    from flows import stages
+
+    home = tmp_path / "h"
+    first = run_build(overrides=[*fake_overrides, *FAST], home=home, until="filter")["run_id"]
+    real = stages.code_hash
+    monkeypatch.setattr(build, "code_hash", lambda name, stage=None: real(name, stage) + ("x" if name == "responses"
+                                                                                         else ""))
+    second = run_build(overrides=[*fake_overrides, *FAST], home=home, until="filter")["run_id"]
+    reused = {st: {r["reused_from"] for r in _shards(home, second, st).values()}
+              for st in ("characters", "queries", "responses", "filter")}
+    assert reused["characters"] == reused["queries"] == {first}
+    assert reused["responses"] == reused["filter"] == {None}
+
+
+def test_a_damaged_shard_is_rebuilt_by_rerun_and_the_shards_built_from_it_too(tmp_path, fake_overrides):
+    home = tmp_path / "h"
+    s = run_build(overrides=fake_overrides, home=home, until="responses")
+    q = _shards(home, s["run_id"], "queries")
+    before = {k: r["finished_at"] for k, r in _shards(home, s["run_id"], "responses").items()}
+    damaged = next(k for k, r in q.items() if r["rows"])
+    path = q[damaged]["path"]
+    data = open(path, "rb").read()
+    with open(path, "wb") as fh:  # same size, other bytes: only the sha256 tells
+        fh.write(data[:-20] + bytes(20))
+    assert rerun(s["run_id"], home)["status"] == "completed"
+    after_q = _shards(home, s["run_id"], "queries")
+    after_r = _shards(home, s["run_id"], "responses")
+    assert after_q[damaged]["finished_at"] > q[damaged]["finished_at"]
+    assert after_r[damaged]["finished_at"] > before[damaged]
+    assert all(after_r[k]["finished_at"] == before[k] for k in before if k != damaged)
+    assert len(table_rows(read_table(after_q[damaged]["path"]))) == q[damaged]["rows"]
+
+
+def test_rerun_finishes_what_the_last_invocation_asked_for(tmp_path, fake_overrides):
+    home = tmp_path / "h"
+    ov = [*fake_overrides, *FAST]
+    run_build(overrides=ov, home=home, until="characters", run_id="r")
+    run_build(overrides=ov, home=home, run_id="r")  # the whole chain, same run
+    with CatalogReader(home) as rd:
+        assert rd.run("r")["until"] == "sft_data"
+    sft = _shards(home, "r", "sft_data")
+    victim = next(iter(sft.values()))
+    import os
+
+    os.unlink(victim["path"])
+    assert rerun("r", home)["status"] == "completed"
+    assert os.path.exists(_shards(home, "r", "sft_data")[victim["shard"]]["path"])
+
+
+def test_more_shards_than_characters_warns_and_show_says_so(tmp_path, fake_overrides):
+    from flows.report import run_notes
+
+    home = tmp_path / "h"
+    s = run_build(overrides=[*fake_overrides, "runner.num_shards=32"], home=home, until="characters")
+    with CatalogReader(home) as rd:
+        notes = run_notes(rd, s["run_id"])
+    with CatalogReader(home) as rd:
+        empty = sum(1 for r in rd.shards(s["run_id"], "characters") if r["rows"] == 0)
+    assert empty >= 24
+    assert any(f"32 shards for 8 characters: {empty} shards are empty" in n and "runner.num_shards to at most 8" in n
+               for n in notes), notes
+
+
+def test_what_changed_against_the_previous_run_of_the_dataset(tmp_path, fake_overrides, chars_file):
+    from flows.report import what_changed
+
+    home = tmp_path / "h"
+    first = run_build(overrides=fake_overrides, home=home, until="queries")["run_id"]
+    chars = [json.loads(x) for x in chars_file.read_text().splitlines() if x.strip()]
+    removed, edited = chars.pop(), chars[0]
+    edited["summary"] += " An edited profile."
+    added = make_characters(9)[-1] | {"id": "Q999", "label": "New Person"}
+    chars_file.write_text("\n".join(json.dumps(c) for c in [*chars, added]) + "\n")
+    second = run_build(overrides=fake_overrides, home=home, until="queries")["run_id"]
+    with CatalogReader(home) as rd:
+        ch = what_changed(rd, second)
+        assert what_changed(rd, first)["previous_run"] is None
+    assert ch["previous_run"] == first
+    c = ch["characters"]
+    assert (c["added"], c["changed"], c["removed"]) == (1, 1, 1) and c["unchanged"] == 6
+    assert c["examples"] == {"added": ["Q999@en"], "changed": [f"{edited['id']}@en"],
+                             "removed": [f"{removed['id']}@en"]}
+    q = ch["stages"]["queries"]
+    assert q["rebuilt"] + q["reused"] == 4 and q["rebuilt"] >= 1
+    assert ch["tokens"] == sum(s["prompt_tokens"] + s["completion_tokens"] for s in ch["stages"].values()) > 0
