@@ -3,6 +3,7 @@ str.format fields. A template's hash enters the shard key of every row it produc
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,8 +53,16 @@ def fingerprint(name: str, languages: list[str]) -> dict[str, str]:
     return {lang: load(name, lang).sha for lang in sorted(set(languages) | {"en"})}
 
 
+# The fences are runs of three angle brackets ("<<<PROFILE" ... "PROFILE>>>"); fence_safe shortens every run of
+# three or more brackets in fenced text to two, counting the look-alikes that read as brackets (fullwidth,
+# small, single guillemets, math angles) and the spaces or invisible characters between them. So no fenced
+# text can contain a fence, whatever its case, spacing or spelling ("profile>>>", "PROFILE >>>", "PROFILE＞＞＞").
+_LT = "<\uff1c\ufe64\u2039\u2329\u3008\u27e8\u276e"
+_GT = ">\uff1e\ufe65\u203a\u232a\u3009\u27e9\u276f"
+_GAP = "[\\s\u00ad\u034f\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufe00-\ufe0f\ufeff]*"
+_RUNS = re.compile(f"[{_LT}](?:{_GAP}[{_LT}]){{2,}}|[{_GT}](?:{_GAP}[{_GT}]){{2,}}")
+
+
 def fence_safe(text: str) -> str:
-    """Profile text must not close the data fence early (prompt-injection hygiene)."""
-    for f in FENCE:
-        text = text.replace(f, f.replace("PROFILE", "PR0FILE"))
-    return text
+    """Text to put between fences: it cannot close (or open) a fence early (prompt-injection hygiene)."""
+    return _RUNS.sub(lambda m: "<<" if m.group(0)[0] in _LT else ">>", text)

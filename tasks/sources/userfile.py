@@ -10,8 +10,10 @@ Bad inputs: missing file -> MissingInputError naming `characters.path`; a file t
 InputFormatError naming the line and byte offset (the whole file is decoded first: a user file in
 another encoding needs re-saving, not per-line guesses); a malformed JSON line, a row with a missing
 required field, a wrong type or an empty label -> rejection `malformed` / `schema` naming the file,
-line and field, and the rest is read. Summary and article are cut to `max_summary_chars` /
-`max_article_chars` like the other sources' text.
+line and field, and the rest is read; so is a popularity that is not a finite number (`NaN`, `inf`:
+JSON and CSV both spell them) and a label longer than `max_label_chars` (`too_long`). Summary, article,
+description and aliases are cut (`max_summary_chars`, `max_article_chars`, `max_description_chars`,
+`max_aliases`) like the other sources' text.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pydantic import ValidationError
 
 from models.config.characters import CharactersConfig
 from models.records import Character, Rejection
-from tasks.sources import InputFormatError, clip, reject, require_file, select
+from tasks.sources import InputFormatError, cap_fields, clip, popularity_problem, reject, require_file, select
 
 
 def read_text(path: Path) -> str:
@@ -75,6 +77,9 @@ def _csv_row(row: dict) -> dict:
 def _rows(path: Path, kind: str, rejects: list[Rejection]):
     text = read_text(path)
     if kind == "csv":
+        # a cell may be a whole article (it is cut later, like every source's text); the csv module's default
+        # limit (128 KiB) would stop the read with a bare csv.Error
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
         reader = csv.DictReader(io.StringIO(text, newline=""))
         for row in reader:
             yield reader.line_num, _csv_row(row)
@@ -113,7 +118,17 @@ def collect(cfg: CharactersConfig) -> tuple[list[Character], list[Rejection]]:
             continue
         if not ch.label.strip():
             rejects.append(reject(ch.row_id, "schema", f"{path}: line {lineno}: field 'label': empty label",
-                                  character_id=ch.id, text=json.dumps(row, ensure_ascii=False)))
+                                  character_id=ch.id, text=json.dumps(row, ensure_ascii=False)[:4000]))
+            continue
+        problem = popularity_problem(ch)
+        if problem:
+            rejects.append(reject(ch.row_id, "schema", f"{path}: line {lineno}: {problem}", character_id=ch.id,
+                                  text=ch.label[:200]))
+            continue
+        capped = cap_fields(ch, cfg)
+        if capped:
+            capped.reason = f"{path}: line {lineno}: {capped.reason}"
+            rejects.append(capped)
             continue
         ch.summary = clip(ch.summary, cfg.max_summary_chars)
         ch.article = clip(ch.article, cfg.max_article_chars)
