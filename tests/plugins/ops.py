@@ -174,3 +174,27 @@ def dashboard_server(fake_home):
     home, ids = fake_home
     with ServerThread(create_app(home)) as srv:
         yield srv, ids
+
+
+class NoisyEngine:
+    """The fake engine, noisy as vLLM is: on load it writes to stdout by print(), by file descriptor 1, and
+    from a worker subprocess (which inherits descriptor 1). For the --json stdout test."""
+
+    def __new__(cls, config):
+        import os
+        import subprocess
+        import sys
+
+        from engines.fake import FakeEngine
+
+        class _Noisy(FakeEngine):
+            kind = "noisy"
+
+            def load(self) -> None:
+                print("noisy print: INFO worker started", flush=True)
+                os.write(1, b"noisy fd: WARNING raw write\n")
+                subprocess.run([sys.executable, "-c", "print('noisy worker: WARNING from a child process')"],
+                               check=True)
+                super().load()
+
+        return _Noisy(config)
