@@ -1,8 +1,10 @@
 """Client for OpenAI-compatible servers (a pool of vLLM servers, or a hosted API).
 
-One asyncio loop runs on its own thread; `generate()` is synchronous and may be called from many shard
-threads at once. Requests are spread over `config.base_urls` by least load (in flight + queued per
-slot), with at most `config.max_concurrency` in flight per endpoint. Timeouts, connection errors, 429
+One asyncio loop runs on its own thread; `submit()` (one request, a Future that completes when its
+answer arrives) and `generate()` may be called from many shard threads at once. Requests are spread
+over `config.base_urls` by least load (in flight + queued per slot), with at most
+`config.max_concurrency` in flight per endpoint (default 256: a vLLM server schedules hundreds of
+sequences at once, so fewer would leave its decode slots idle). Timeouts, connection errors, 429
 and 5xx are retried with exponential backoff and jitter up to `config.max_retries` times; an endpoint
 that fails that way is marked down and routed around until a health check (`GET <base>/models`, then
 `<root>/health`) passes again, which is retried every `options.health_interval` seconds. When retries
@@ -23,12 +25,21 @@ import os
 import random
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from engines.base import Engine, EngineError, Generation, Message, Sampling, TransientEngineError
+from engines.base import (
+    Engine,
+    EngineClosed,
+    EngineError,
+    Generation,
+    Message,
+    Sampling,
+    TransientEngineError,
+)
 from models.config.engine import BUNDLED_MODEL
 
 RETRY_STATUS = {408, 409, 425, 429}
@@ -82,6 +93,9 @@ class OpenAIEngine(Engine):
         if self.guided not in ("response_format", "structured_outputs"):
             raise EngineError(f"options.guided must be response_format or structured_outputs, not {self.guided!r}")
         self.served_model = self.config.served_model
+        self._outstanding: set[Future] = set()
+        self._lock = threading.Lock()
+        self._closing = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openai-engine", daemon=True)
         self._thread.start()
@@ -215,17 +229,18 @@ class OpenAIEngine(Engine):
                               finish_reason=choice.get("finish_reason") or "stop", model=self.model_id)
         raise TransientEngineError(f"gave up after {self.config.max_retries + 1} attempts: {last}")
 
-    async def _all(self, chats: list[list[Message]], sampling: list[Sampling]) -> list[Generation]:
-        tasks = [asyncio.ensure_future(self._one(c, sp)) for c, sp in zip(chats, sampling, strict=True)]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
+    def _submit(self, chat: list[Message], sampling: Sampling) -> Future:
+        if getattr(self, "_loop", None) is None or self._loop.is_closed() or self._closing:
+            raise EngineClosed("the openai engine is closed")
+        fut = self._call(self._one(chat, sampling))
+        with self._lock:
+            self._outstanding.add(fut)
+        fut.add_done_callback(self._forget)
+        return fut
 
-    def _generate(self, chats: list[list[Message]], sampling: list[Sampling]) -> list[Generation]:
-        return self._call(self._all(chats, sampling)).result()
+    def _forget(self, fut: Future) -> None:
+        with self._lock:
+            self._outstanding.discard(fut)
 
     def endpoint_status(self) -> list[dict[str, Any]]:
         return [{"base_url": ep.base_url, "up": ep.up, "load": ep.load, "served": ep.served,
@@ -234,6 +249,11 @@ class OpenAIEngine(Engine):
     def close(self) -> None:
         if getattr(self, "_loop", None) is None or self._loop.is_closed():
             return
+        with self._lock:
+            self._closing = True
+            pending = list(self._outstanding)
+        for fut in pending:
+            fut.cancel()  # the request's task is cancelled on the loop; its connection is dropped
 
         async def shutdown():
             self._health_task.cancel()

@@ -19,13 +19,15 @@ class EngineConfig(Strict):
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per replica")
     replicas: int = Field(1, ge=1, description="vllm: engine replicas on this machine (one per GPU/TP group)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    max_batch: int = Field(256, ge=1, description="most requests handed to the engine in one call")
+    max_batch: int | None = Field(None, ge=1, description="vllm: most requests running at once (decode slots, "
+                                                           "vLLM max_num_seqs); default: vLLM's")
     batch_size: int = Field(16, ge=1, description="transformers: sequences per generate() call")
     device: str = Field("auto", description="transformers: cpu | cuda | auto")
     base_urls: list[str] = Field(default_factory=list, description="openai: endpoints (…/v1) to spread load over")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the key")
     served_model: str | None = Field(None, description="openai: model name the server expects (default: model)")
-    max_concurrency: int = Field(16, ge=1, description="openai: requests in flight per endpoint")
+    max_concurrency: int = Field(256, ge=1, description="openai: requests in flight per endpoint (a vLLM "
+                                 "server schedules hundreds at once)")
     request_timeout: float = Field(120.0, gt=0, description="openai: seconds per request")
     max_retries: int = Field(4, ge=0, description="openai: retries per request on timeouts/429/5xx")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the engine")
