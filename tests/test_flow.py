@@ -327,3 +327,32 @@ def test_what_changed_against_the_previous_run_of_the_dataset(tmp_path, fake_ove
     q = ch["stages"]["queries"]
     assert q["rebuilt"] + q["reused"] == 4 and q["rebuilt"] >= 1
     assert ch["tokens"] == sum(s["prompt_tokens"] + s["completion_tokens"] for s in ch["stages"].values()) > 0
+
+
+def test_dashboard_run_page_shows_wall_time_tok_s_the_timeline_and_what_changed(tmp_path, fake_overrides):
+    from fastapi.testclient import TestClient
+
+    from dashboard.app import create_app
+    from dashboard.data import DashboardData
+
+    home = tmp_path / "h"
+    first = run_build(overrides=fake_overrides, home=home, until="responses")["run_id"]
+    s = run_build(overrides=[*fake_overrides, "responses.sampling.max_tokens=150"], home=home, until="responses")
+    d = DashboardData(home).run(s["run_id"])
+    resp = next(x for x in d["stages"] if x["stage"] == "responses")
+    with CatalogReader(home) as rd:
+        m = json.loads(rd.query("SELECT metrics FROM stage_stats WHERE run_id=? AND stage='responses'",
+                                [s["run_id"]])[0]["metrics"])
+    # tokens per second of the stage's wall time, not of the sum of shard seconds
+    assert resp["tokens_per_second"] == m["completion_tokens_per_wall_s"] and resp["wall_s"] > 0
+    assert len(resp["timeline"]) == 4 and all(a <= b for _, a, b in resp["timeline"])
+    assert d["changes"]["previous_run"] == first
+    assert d["changes"]["stages"]["responses"] == {**d["changes"]["stages"]["responses"], "rebuilt": 4, "reused": 0}
+    assert d["changes"]["stages"]["queries"]["reused"] == 4
+    with TestClient(create_app(home), raise_server_exceptions=False) as c:
+        page = c.get(f"/runs/{s['run_id']}")
+    assert page.status_code == 200
+    html = page.text
+    # only the tasks this run ran: the characters and queries shards were reused from the first run
+    assert 'id="timeline"' in html and html.count('class="task"') == 4
+    assert 'id="changes"' in html and first in html
