@@ -41,9 +41,12 @@ class Stats:
         self.requests += len(gens)
         self.prompt_tokens += sum(g.prompt_tokens for g in gens)
         self.completion_tokens += sum(g.completion_tokens for g in gens)
-        hits = sum(1 for g in gens if getattr(g, "cached", False))  # served by the generation cache
-        self.extra["cache_hits"] = self.extra.get("cache_hits", 0) + hits
-        self.extra["cache_misses"] = self.extra.get("cache_misses", 0) + len(gens) - hits
+        cached = [g for g in gens if getattr(g, "cached", False)]  # served by the generation cache
+        self.extra["cache_hits"] = self.extra.get("cache_hits", 0) + len(cached)
+        self.extra["cache_misses"] = self.extra.get("cache_misses", 0) + len(gens) - len(cached)
+        if cached:  # tokens counted above that no engine spent this time
+            for key in ("prompt_tokens", "completion_tokens"):
+                self.extra[f"cached_{key}"] = self.extra.get(f"cached_{key}", 0) + sum(getattr(g, key) for g in cached)
 
     def as_dict(self) -> dict[str, Any]:
         tps = self.completion_tokens / self.seconds if self.seconds else 0.0

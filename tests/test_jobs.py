@@ -156,12 +156,13 @@ def _row(shard, started, ended, tokens=100, reused=None, **stats):
 def test_stage_metrics_divide_tokens_by_the_stage_wall_time_not_the_sum_of_shard_seconds():
     from flows.report import stage_metrics
 
-    rows = [_row(0, 100.0, 110.0, resampled=2, cache_hits=3), _row(1, 102.0, 112.0),
+    rows = [_row(0, 100.0, 110.0, resampled=2, cache_hits=3, cached_completion_tokens=40), _row(1, 102.0, 112.0),
             _row(2, 50.0, 51.0, tokens=999, reused="old-run"),  # a reused shard: the earlier run's work
             {"run_id": "r", "stage": "responses", "shard": 3, "status": "failed", "reused_from": None, "stats": None}]
     m = stage_metrics(rows, {"busy_seconds": 11.0, "mean_running": 1.8, "requests": 4})
     assert m["wall_s"] == pytest.approx(12.0) and m["shard_seconds"] == pytest.approx(20.0)
-    assert m["completion_tokens"] == 200 and m["completion_tokens_per_wall_s"] == pytest.approx(200 / 12, abs=0.01)
+    # 40 of shard 0's tokens came from the generation cache: not generated in this stage's wall time
+    assert m["completion_tokens"] == 160 and m["completion_tokens_per_wall_s"] == pytest.approx(160 / 12, abs=0.01)
     assert (m["shards_computed"], m["shards_reused"], m["resampled"], m["cache_hits"]) == (2, 1, 2, 3)
     assert m["engine"]["busy_seconds"] == 11.0
     assert stage_metrics([])["completion_tokens_per_wall_s"] is None
@@ -180,3 +181,14 @@ def test_timeline_svg_draws_one_bar_per_shard_task_on_a_shared_axis():
     assert "<script>" not in svg and "responses&lt;script&gt;" in svg
     assert "queries shard 1: 1.0 s → 5.0 s" in svg
     assert timeline({}) == "" and timeline({"queries": []}) == ""
+
+
+def test_stats_count_tokens_the_generation_cache_served_apart():
+    from engines.base import Generation
+    from tasks.base import Stats
+
+    st = Stats()
+    st.count_generations([Generation("a", 10, 5), Generation("b", 7, 3, cached=True), Generation("c", 1, 2, cached=True)])
+    d = st.as_dict()
+    assert (d["requests"], d["prompt_tokens"], d["completion_tokens"]) == (3, 18, 10)
+    assert (d["cache_hits"], d["cache_misses"], d["cached_prompt_tokens"], d["cached_completion_tokens"]) == (2, 1, 8, 5)
