@@ -3,6 +3,11 @@ resumed run equals an uninterrupted one (the harness of tests/test_crash_resume.
 
     python benchmarks/chaos.py                       # 20 points, 12 characters, 4 shards
     python benchmarks/chaos.py --points 40 --seed 123 --full-filter --keep
+    python benchmarks/chaos.py --ops-episodes 2 --ops-kills 4    # also kill `ditto export` and `ditto repair`
+
+After the run/rerun kills, `ditto export` and `ditto repair` (on a healthy and on a corrupted catalog) are
+killed at random points in the first --ops-episodes homes: the export target must be absent or whole,
+and the next repair must restore the same content.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--until", default=None, help="last stage (default: sft_data)")
     ap.add_argument("--full-filter", action="store_true", help="keep langid and the embedding model on")
+    ap.add_argument("--ops-episodes", type=int, default=1, help="homes where export and repair are killed too")
+    ap.add_argument("--ops-kills", type=int, default=2, help="kills of export and of repair per such home")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args(argv)
@@ -41,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chaos: seed {chaos.seed}, work folder {work}", flush=True)
     chaos.measure_baseline()
     res = chaos.run_points(a.points, a.kills_per_episode)
+    for i in range(min(a.ops_episodes, res.episodes)):
+        chaos.ops_episode(i, a.ops_kills)
     (work / "chaos.json").write_text(json.dumps({"seed": res.seed, "kills": res.kills, "problems": res.problems},
                                                 indent=2, default=str))
     print(f"chaos: {res.landed} kills landed, {res.processes} processes, {time.monotonic() - t0:.0f} s; "

@@ -89,6 +89,8 @@ LEGACY_SHARD_PATH = r"^.*/(runs/[^/]+/(?:rejected/)?[^/]+/[^/]+/part-[0-9]+\.par
 _WRITE_SQL = re.compile(r"^\s*(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE|DELETE\s+FROM|ALTER\s+TABLE|TRUNCATE"
                         r"(?:\s+TABLE)?)\s+([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
 ALL = object()  # the whole table is dirty
+_PROCESS_LOCKS: dict[str, tuple[int, int]] = {}  # lock file -> (descriptor, Catalogs open in this process)
+_PROCESS_LOCKS_GUARD = threading.Lock()
 
 
 class CatalogError(RuntimeError):
@@ -320,25 +322,40 @@ class Catalog:
     def _take_lock(self) -> None:
         import fcntl
 
-        fd = os.open(self.home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + 5.0  # a reader's probe holds a shared lock for microseconds
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise CatalogBusy(f"another ditto process holds {self.home / LOCK_FILE} (a run in progress): "
-                                      f"wait for it to finish, or use another --home") from None
-                time.sleep(0.02)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        key = str(self.home / LOCK_FILE)
+        with _PROCESS_LOCKS_GUARD:
+            held = _PROCESS_LOCKS.get(key)
+            if held is not None:  # this process holds it already (DuckDB shares a file within a process)
+                _PROCESS_LOCKS[key] = (held[0], held[1] + 1)
+                self._lock_fd = held[0]
+                return
+            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+            deadline = time.monotonic() + 5.0  # a reader's probe holds a shared lock for microseconds
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        os.close(fd)
+                        raise CatalogBusy(f"another ditto process holds {key} (a run in progress): wait for it "
+                                          f"to finish, or use another --home") from None
+                    time.sleep(0.02)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            _PROCESS_LOCKS[key] = (fd, 1)
+            self._lock_fd = fd
 
     def _release(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            key = str(self.home / LOCK_FILE)
+            with _PROCESS_LOCKS_GUARD:
+                fd, n = _PROCESS_LOCKS.get(key, (self._lock_fd, 1))
+                if n <= 1:
+                    _PROCESS_LOCKS.pop(key, None)
+                    os.close(fd)  # closing the descriptor releases the flock
+                else:
+                    _PROCESS_LOCKS[key] = (fd, n - 1)
             self._lock_fd = None
         con = getattr(self, "_con", None)
         if con is not None:

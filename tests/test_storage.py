@@ -417,3 +417,12 @@ def test_a_run_whose_process_died_reads_as_interrupted(tmp_path):
     with CatalogReader(tmp_path) as rd:
         assert rd.run("r1")["status"] == "interrupted"
         assert rd.query("SELECT status FROM runs")[0]["status"] == "interrupted"
+
+
+def test_two_catalogs_in_one_process_share_the_writer_lock(tmp_path):
+    first = Catalog(tmp_path)
+    with Catalog(tmp_path) as second:  # as DuckDB allows within a process
+        second.start_run("r1", "d", {}, "h", "v")
+    assert catalog_held(tmp_path)  # still held by the first
+    first.close()
+    assert not catalog_held(tmp_path)

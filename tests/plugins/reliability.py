@@ -398,6 +398,79 @@ class Chaos:
         got = stage_content(home, run_id, self.stages())
         self.result.problems += [f"ep{index}: {p}" for p in compare(self.baseline.content, got)]
 
+    # -- kills during the operator commands: export and repair ---------------------------------
+    def _timed(self, args: list[str], log: Path) -> tuple[float, int]:
+        t0 = time.monotonic()
+        proc = start(args, self.env, log)
+        proc.wait(timeout=300)
+        return time.monotonic() - t0, proc.returncode
+
+    def _kill_after(self, args: list[str], log: Path, delay: float) -> bool:
+        proc = start(args, self.env, log)
+        t0 = time.monotonic()
+        while proc.poll() is None:
+            if time.monotonic() - t0 >= delay:
+                survivors = kill_group(proc)
+                assert not survivors, f"processes survived the kill of group {proc.pid}: {survivors}"
+                return True
+            time.sleep(0.01)
+        return False
+
+    @staticmethod
+    def _tree(folder: Path) -> dict[str, bytes] | None:
+        if not folder.exists():
+            return None
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    def ops_episode(self, index: int, kills: int = 2) -> None:
+        """After a completed (resumed) run: `ditto export` killed at random points must leave the target
+        absent or whole (never a mix), and an export with --overwrite then equals an uninterrupted one;
+        `ditto repair` killed at random points (on a healthy catalog and on a corrupted one) must leave a
+        home that the next repair restores to the same content."""
+        home, run_id = self.workdir / f"ep{index}", f"chaos-{index}"
+        log = self.workdir / f"ops{index}.log"
+        want = stage_content(home, run_id, self.stages())
+        ref = self.workdir / f"ops{index}-ref"
+        export = ["export", run_id, "--home", str(home), "--format", "jsonl", "--to"]
+        seconds, rc = self._timed([*export, str(ref)], log)
+        assert rc == 0, _log_since(log, 0)[-3000:]
+        expected = self._tree(ref)
+        target = self.workdir / f"ops{index}-out"
+        for j in range(kills):
+            delay = round(self.rng.uniform(0.0, seconds), 2)
+            killed = self._kill_after([*export, str(target), "--overwrite"], log, delay)
+            got = self._tree(target)
+            self.result.kills.append({"episode": index, "kill": j, "process": "export", "anchor": "start",
+                                      "delay": delay, "killed": killed, "in_catalog": True})
+            self.echo(f"  ops{index} export kill{j}: {delay:.2f}s {'KILLED' if killed else 'finished first'}: "
+                      f"target {'absent' if got is None else 'whole' if got == expected else 'MIXED'}")
+            if got is not None and got != expected:
+                self.result.problems.append(f"ops{index}: export killed at {delay}s left a partial target")
+        seconds_r, rc = self._timed(["repair", "--home", str(home)], log)
+        assert rc == 0, _log_since(log, 0)[-3000:]
+        for j in range(kills):
+            corrupt = j % 2 == 1
+            if corrupt:
+                (home / "catalog.duckdb").write_bytes(b"\x00garbage" * 4096)
+            delay = round(self.rng.uniform(0.0, seconds_r), 2)
+            killed = self._kill_after(["repair", "--home", str(home)], log, delay)
+            self.result.kills.append({"episode": index, "kill": j, "process": "repair", "anchor": "start",
+                                      "delay": delay, "killed": killed, "in_catalog": True})
+            self.echo(f"  ops{index} repair kill{j} ({'corrupted' if corrupt else 'healthy'} catalog): "
+                      f"{delay:.2f}s {'KILLED' if killed else 'finished first'}")
+            r = run(["repair", "--home", str(home)], self.env, timeout=120)
+            self.result.processes += 1
+            if r.returncode != 0:
+                self.result.problems.append(f"ops{index}: repair after a killed repair exited {r.returncode}: "
+                                            f"{r.stderr[-500:]}")
+                continue
+            check_catalog_consistent(home, run_id)
+            self.result.problems += [f"ops{index}: after repair: {p}"
+                                     for p in compare(want, stage_content(home, run_id, self.stages()))]
+        r = run([*export, str(target), "--overwrite"], self.env, timeout=120)
+        if r.returncode != 0 or self._tree(target) != expected:
+            self.result.problems.append(f"ops{index}: export --overwrite after the kills differs: {r.stderr[-500:]}")
+
     def run_points(self, points: int, kills_per_episode: int, max_episodes: int = 50) -> ChaosResult:
         """Episodes until `points` kills have landed."""
         if self.baseline is None:
