@@ -1,31 +1,56 @@
-"""Stage `queries`: the paper's T_Q. Each character A is paired with partners B drawn from the same
-shard (seeded by A's id, so pairings are reproducible and one edited character touches one shard).
-The model writes questions A can answer but B cannot; each is recorded twice: role_specific for A,
-contrastive (should be refused) for B. Invalid JSON is re-sampled per request, at once, up to `rounds`
-attempts (tasks/generation.py), then rejected."""
+"""Stage `queries`: the paper's T_Q. Each character A is paired with partners B drawn from the whole run
+(seeded, from the characters table, independent of the shard count); the model writes questions A can
+answer but B cannot, recorded as role_specific for A and contrastive (should be refused) for B. Invalid
+JSON is re-sampled per request, at once, up to `rounds` attempts (tasks/generation.py), then rejected.
+
+Partners and sharding. The global step `prepare` reads the ids of every characters shard, draws each
+A's partners on a consistent-hash ring (`PartnerRing`: each character owns VNODES points; A's j-th draw
+takes the owner of the first point after a hash of (seed, A, j)), and gives each shard its pairs: those
+whose A lives there and those whose B lives there, with the prompt fields of the other-shard characters
+in a small Parquet file. B's shard issues the same (A, B) request as A's shard, so the generation cache
+(engines/cache.py: single-flight in process, durable across runs) answers it once, with the same text,
+for both; each shard keeps the copy that belongs to its own character. Without the cache, B's shard asks
+the model again (the same prompt; still a valid contrastive question for B). Same characters and seed
+give the same queries at any shard count.
+
+What one edit changes. Pairings depend on ids only, so an edited profile changes the queries shards
+holding a pair with that character: its own shard, its partners' shards and the shards of the characters
+that drew it (about 1 + 2 * pairings). A new character changes those too, plus, on the ring, an expected
+one draw in N per existing draw (a partner it displaces)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
 import re
+from bisect import bisect_left
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from engines.base import Sampling
 from models.base import table_rows
 from models.config import RunConfig
 from models.ids import content_hash, row_id
 from models.records import Character, GenerationMeta, Query
-from storage.shards import read_table
+from storage.shards import read_table, write_table
 from tasks import prompts
 from tasks.base import ShardOutput, Stage, StageContext
+from tasks.filters.questions import Validate, question_check, reason_code, summarise
 from tasks.generation import generate_parsed
 from tasks.profile import profile_text
 
+AUTHOR_PROFILE_TOKENS = 600
 PARTNER_PROFILE_TOKENS = 250
-FALLBACK_POOL = 4
-POOL_COLUMNS = ["id", "label", "description", "language", "category", "summary"]
+VNODES = 32  # ring points per character: each is drawn with probability close to 1/N (relative spread ~1/sqrt(32))
+ID_COLUMNS = ["id", "language"]
+PROMPT_COLUMNS = ["id", "language", "label", "description", "category", "summary", "article"]
+PARTNER_SCHEMA = pa.schema([("id", pa.string()), ("language", pa.string()), ("label", pa.string()),
+                            ("description", pa.string()), ("category", pa.string()),
+                            (f"profile_{AUTHOR_PROFILE_TOKENS}", pa.string()),
+                            (f"profile_{PARTNER_PROFILE_TOKENS}", pa.string())])
 
 
 def question_schema(n: int) -> dict[str, Any]:
@@ -51,8 +76,11 @@ def _json_candidates(text: str) -> list[str]:
     return out
 
 
-def parse_questions(text: str, n: int) -> list[dict[str, str]]:
-    """`[{"question": ..., "reason": ...}]` -> up to n clean questions, or ParseError saying why."""
+def parse_questions(text: str, n: int, validate: Validate | None = None,
+                    dropped: list[tuple[str, str]] | None = None) -> list[dict[str, str]]:
+    """`[{"question": ..., "reason": ...}]` -> up to n clean questions, or ParseError saying why.
+    `validate(question, kept) -> reason | None` (tasks/filters/questions.py) drops invalid questions; each
+    dropped (question, reason) is appended to `dropped`."""
     data = None
     for cand in _json_candidates(text):
         try:
@@ -67,31 +95,134 @@ def parse_questions(text: str, n: int) -> list[dict[str, str]]:
     if not isinstance(data, list):
         raise ParseError(f"expected a JSON array, got {type(data).__name__}")
     out, seen = [], set()
+    dropped = [] if dropped is None else dropped
     for item in data:
         if isinstance(item, str):
             item = {"question": item, "reason": ""}
-        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or len(out) >= n:
             continue
         q = " ".join(item["question"].split())
-        if len(q) < 8 or q.lower() in seen or "{" in q or "..." == q:
+        if validate is not None:
+            why = validate(q, [o["question"] for o in out])
+            if why is not None:
+                dropped.append((q, why))
+                continue
+        elif len(q) < 8 or q.lower() in seen or "{" in q or "..." == q:
             continue
         seen.add(q.lower())
         reason = item.get("reason")
         out.append({"question": q, "reason": " ".join(reason.split()) if isinstance(reason, str) else ""})
     if not out:
-        raise ParseError("no usable question in the output")
+        raise ParseError("no usable question in the output" + (f": {summarise(dropped)}" if dropped else ""))
     return out[:n]
 
 
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _h64(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser (a bijection of 64-bit ints)."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
+    return x ^ (x >> 31)
+
+
+def _mix_array(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+class PartnerRing:
+    """Deterministic partner draws over a set of characters (rows with id and language), same language
+    first. Depends on the ids, the languages and the seed only: never on shards or on profile text."""
+
+    def __init__(self, rows: list[dict], seed: int, vnodes: int = VNODES):
+        self.seed = seed
+        self.rows = {_rid(r): r for r in rows}
+        self.rids = sorted(self.rows)
+        self._rings: dict[str | None, tuple[list[int], list[str]]] = {}
+        by_lang: dict[str | None, list[str]] = {None: self.rids}
+        for rid in self.rids:
+            by_lang.setdefault(self.rows[rid]["language"], []).append(rid)
+        for lang, rids in by_lang.items():
+            base = np.array([_h64(seed, "node", rid) for rid in rids], dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                pts = _mix_array(base[:, None] + np.arange(vnodes, dtype=np.uint64)[None, :]
+                                 * np.uint64(_GOLDEN)).ravel()
+            owner = np.repeat(np.arange(len(rids)), vnodes)
+            order = np.lexsort((owner, pts))
+            self._rings[lang] = (pts[order].tolist(), [rids[o] for o in owner[order]])
+        self.per_lang = {lang: len(r) for lang, r in by_lang.items() if lang is not None}
+        self.by_id: dict[str, list[str]] = {}
+        for rid in self.rids:
+            self.by_id.setdefault(self.rows[rid]["id"], []).append(rid)
+
+    def _draw(self, lang: str | None, a: dict, need: int, avail: int, chosen: list[str], ok) -> None:
+        """Append min(need, avail) owners for which ok() holds; `avail` is how many there are."""
+        pts, owners = self._rings[lang]
+        target = len(chosen) + min(need, avail)
+        j = 0
+        while len(chosen) < target:
+            p = _mix((_h64(self.seed, "draw", lang or "*", _rid(a)) + j * _GOLDEN) & _MASK)
+            j += 1
+            i = bisect_left(pts, p) % len(pts)
+            while owners[i] in chosen or not ok(owners[i]):
+                i = (i + 1) % len(pts)
+            chosen.append(owners[i])
+
+    def partners(self, a: dict, k: int) -> list[str]:
+        """The rids of A's k partners: other characters of A's language, then of other languages if too few."""
+        lang, aid = a["language"], a["id"]
+        same_id = self.by_id.get(aid, [])
+        chosen: list[str] = []
+        if lang in self._rings:
+            avail = self.per_lang[lang] - sum(1 for r in same_id if self.rows[r]["language"] == lang)
+            self._draw(lang, a, k, avail, chosen, lambda r: self.rows[r]["id"] != aid)
+        if len(chosen) < k and self.rids:
+            avail = len(self.rids) - self.per_lang.get(lang, 0) - sum(
+                1 for r in same_id if self.rows[r]["language"] != lang)
+            self._draw(None, a, k - len(chosen), avail, chosen,
+                       lambda r: self.rows[r]["id"] != aid and self.rows[r]["language"] != lang)
+        return chosen
+
+
 def pick_partners(a: dict, pool: list[dict], k: int, seed: int) -> list[dict]:
-    """Partners for A from the same shard, same language first; deterministic for (seed, A)."""
-    same = [c for c in pool if c["language"] == a["language"] and c["id"] != a["id"]]
-    others = [c for c in pool if c["language"] != a["language"] and c["id"] != a["id"]]
-    rng = random.Random(f"{seed}:{a['id']}:{a['language']}")
-    chosen = rng.sample(same, min(k, len(same)))
-    if len(chosen) < k and others:
-        chosen += rng.sample(others, min(k - len(chosen), len(others)))
-    return chosen
+    """A's partners among `pool` (the whole run's characters), same language first; deterministic for
+    (seed, A, the pool's ids)."""
+    ring = PartnerRing(pool if any(_rid(c) == _rid(a) for c in pool) else [*pool, a], seed)
+    by = {_rid(c): c for c in pool}
+    return [by[r] for r in ring.partners(a, k)]
+
+
+def plan_pairs(rows: list[dict], k: int, seed: int) -> list[tuple[str, str]]:
+    """Every (A, B) pair of the run, as rids, A-major in rid order, B in draw order."""
+    ring = PartnerRing(rows, seed)
+    return [(a, b) for a in ring.rids for b in ring.partners(ring.rows[a], k)]
+
+
+def partner_fields(c: dict) -> dict[str, Any]:
+    """What a prompt needs of a character from another shard: the cut profiles are computed here, from the
+    full row, so a prompt is the same text whichever shard renders it."""
+    return {"id": c["id"], "language": c["language"], "label": c["label"], "description": c.get("description"),
+            "category": c.get("category"),
+            f"profile_{AUTHOR_PROFILE_TOKENS}": profile_text(c, AUTHOR_PROFILE_TOKENS)[0],
+            f"profile_{PARTNER_PROFILE_TOKENS}": profile_text(c, PARTNER_PROFILE_TOKENS)[0]}
+
+
+def _profile(c: dict, budget: int) -> str:
+    pre = c.get(f"profile_{budget}")
+    return pre if pre is not None else profile_text(c, budget)[0]
+
+
+def partners_path(home: Path, run_id: str, digest: str, shard: int) -> Path:
+    return Path(home) / "runs" / run_id / "prepare" / "queries" / digest / f"part-{shard:05d}.parquet"
 
 
 def _rid(c: dict) -> str:
@@ -107,36 +238,57 @@ class QueriesStage(Stage):
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         return {"queries": config.queries.model_dump(mode="json"), "seed": config.seed,
                 "prompts": prompts.fingerprint("queries", config.characters.languages),
-                "engine": config.engine.model_dump(mode="json", include={"kind", "model", "revision", "seed"})}
+                "engine": config.engine.model_dump(mode="json", include={"kind", "model", "revision", "seed"}),
+                "questions": config.filter.questions.model_dump(mode="json")}
 
     def prepare(self, config: RunConfig, home: Path, run_id: str,
                 upstream: dict[str, dict[int, str]]) -> dict[int, dict[str, Any]]:
-        """Shards where a language has a single character get a small fallback partner pool drawn from
-        the other shards (deterministic); only the digest of that pool enters those shards' keys."""
-        by_shard: dict[int, list[dict]] = {}
-        for k, path in upstream["characters"].items():
-            by_shard[k] = table_rows(read_table(path, columns=POOL_COLUMNS))
+        """Partners from the whole run: every shard gets the pairs whose A or B lives there, and the prompt
+        fields of the other-shard characters of those pairs (a Parquet file; the job carries its path).
+        The digest (pairs + those fields) enters the shard's key, so a shard is rebuilt exactly when one of
+        its prompts changed. Memory: the ids of the run plus the cut profiles (about 3 KB) of the
+        characters some other shard needs."""
+        paths = upstream["characters"]
+        shard_of_rid: dict[str, int] = {}
+        ids: list[dict] = []
+        for k, path in sorted(paths.items()):
+            for r in table_rows(read_table(path, columns=ID_COLUMNS)):
+                shard_of_rid[_rid(r)] = k
+                ids.append(r)
+        pairs: dict[int, list[tuple[str, str]]] = {k: [] for k in paths}
+        needs: dict[int, set[str]] = {k: set() for k in paths}
+        for a, b in plan_pairs(ids, config.queries.pairings, config.seed):
+            ka, kb = shard_of_rid[a], shard_of_rid[b]
+            pairs[ka].append((a, b))
+            if kb != ka:
+                pairs[kb].append((a, b))
+                needs[ka].add(b)
+                needs[kb].add(a)
+        wanted = set().union(*needs.values()) if needs else set()
+        fields: dict[str, dict[str, Any]] = {}
+        for path in paths.values():
+            if not wanted:
+                break
+            for r in table_rows(read_table(path, columns=PROMPT_COLUMNS)):
+                if _rid(r) in wanted:
+                    fields[_rid(r)] = partner_fields(r)
         out: dict[int, dict[str, Any]] = {}
-        for k, rows in by_shard.items():
-            lonely = sorted({r["language"] for r in rows} - {r["language"] for r in rows
-                                                               if sum(x["language"] == r["language"] for x in rows) > 1})
-            if not lonely:
-                continue
-            pool = []
-            for lang in lonely:
-                # the FALLBACK_POOL other-shard characters with the smallest seeded hash: a new character
-                # changes this pool only if its own hash is among the smallest (a bottom-k sample)
-                others = [r for j, rs in by_shard.items() if j != k for r in rs if r["language"] == lang]
-                others.sort(key=lambda r: content_hash([config.seed, k, lang, r["id"]]))
-                pool += others[:FALLBACK_POOL]
-            if pool:
-                out[k] = {"pool": pool, "digest": content_hash(pool)}
+        for k in paths:
+            rows = [fields[r] for r in sorted(needs[k])]
+            digest = content_hash({"pairs": pairs[k], "partners": rows})
+            target = None
+            if rows:
+                target = partners_path(home, run_id, digest, k)
+                if not target.exists():
+                    write_table(pa.Table.from_pylist(rows, schema=PARTNER_SCHEMA), target)
+                target = str(target)
+            out[k] = {"digest": digest, "pairs": [list(p) for p in pairs[k]], "partners": target}
         return out
 
     def build_messages(self, a: dict, b: dict, n: int) -> list[dict[str, str]]:
         tpl = prompts.load("queries", a["language"])
-        a_profile, _ = profile_text(a, 600)
-        b_profile, _ = profile_text(b, PARTNER_PROFILE_TOKENS)
+        a_profile = _profile(a, AUTHOR_PROFILE_TOKENS)
+        b_profile = _profile(b, PARTNER_PROFILE_TOKENS)
         return tpl.messages(a_label=a["label"], a_description=a.get("description") or "",
                             a_profile=prompts.fence_safe(a_profile), b_label=b["label"],
                             b_description=b.get("description") or "", b_profile=prompts.fence_safe(b_profile), n=n)
@@ -146,18 +298,25 @@ class QueriesStage(Stage):
         chars = inputs["characters"]
         out = ShardOutput(rows=[])
         out.stats.rows_in = len(chars)
-        pairs = []
         here = {_rid(c) for c in chars}
-        for a in chars:
-            partners = pick_partners(a, chars, cfg.pairings, ctx.seed)
-            if not [b for b in partners if b["language"] == a["language"]] and ctx.extra.get("pool"):
-                partners = pick_partners(a, [c for c in ctx.extra["pool"] if c["language"] == a["language"]],
-                                         cfg.pairings, ctx.seed) or partners
-            if not partners:
-                out.rejects.append(ctx.reject(_rid(a), "no_partner", "no other character in this shard to pair with",
-                                              character_id=_rid(a)))
+        by_rid = {_rid(c): c for c in chars}
+        if "pairs" in ctx.extra:  # the global step's pairs: partners from the whole run
+            plan = [tuple(p) for p in ctx.extra["pairs"]]
+            if ctx.extra.get("partners"):
+                by_rid.update({_rid(r): r for r in table_rows(read_table(ctx.extra["partners"]))})
+        else:  # run on its own (no prepare): partners from this shard
+            plan = plan_pairs(chars, cfg.pairings, ctx.seed)
+        authors = {a for a, _ in plan}
+        for c in chars:
+            if _rid(c) not in authors:
+                out.rejects.append(ctx.reject(_rid(c), "no_partner", "no other character in the run to pair with",
+                                              character_id=_rid(c)))
                 out.stats.dropped["no_partner"] += 1
-            pairs += [(a, b) for b in partners]
+        missing = sorted({r for p in plan for r in p} - set(by_rid))
+        if missing:
+            raise ValueError(f"queries shard {ctx.shard}: the pair plan names characters that are neither in this "
+                             f"shard nor in its partner file: {', '.join(missing[:5])}")
+        pairs = [(by_rid[a], by_rid[b]) for a, b in plan]
         if not pairs:
             return out
         engine = ctx.engine()
@@ -166,10 +325,24 @@ class QueriesStage(Stage):
                             max_tokens=sp.max_tokens,
                             json_schema=question_schema(cfg.questions) if cfg.guided_json else None)
         chats = [self.build_messages(a, b, cfg.questions) for a, b in pairs]
-        outcomes = generate_parsed(engine, chats, sampling, lambda g: parse_questions(g.text, cfg.questions),
+        checks = [question_check(ctx.config.filter.questions, a, b, chats[i]) for i, (a, b) in enumerate(pairs)]
+        drops: list[list[tuple[str, str]]] = [[] for _ in pairs]  # the questions the latest attempt dropped
+
+        def parser(i: int):
+            def parse(g):
+                drops[i] = []
+                return parse_questions(g.text, cfg.questions, validate=checks[i], dropped=drops[i])
+            return parse
+
+        outcomes = generate_parsed(engine, chats, sampling, [parser(i) for i in range(len(pairs))],
                                    rounds=cfg.rounds, stats=out.stats)
         for i, res in enumerate(outcomes):
             a, b = pairs[i]
+            for q, why in drops[i] if _rid(a) in here else ():  # counted once, in the author's shard
+                code = f"question.{reason_code(why)}"
+                out.rejects.append(ctx.reject(row_id("question", _rid(a), _rid(b), content_hash(q, 8)), code, why,
+                                              character_id=_rid(a), text=q))
+                out.stats.dropped[code] += 1
             out.stats.format_failures += res.attempts - (1 if res.ok else 0)
             if not res.ok:
                 out.rejects.append(ctx.reject(row_id("pair", _rid(a), _rid(b)), "format",
