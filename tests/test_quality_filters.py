@@ -195,3 +195,34 @@ def test_evaluation_keeps_in_role_answers(cid, answer):
     c = BY_ID[cid]
     assert not is_out_of_role(answer, c["language"], c["label"])
     assert is_refusal(answer, c["language"]) == (answer in REFUSALS.values())
+
+
+# ---- rules added from the labeled dev set -------------------------------------------------------------
+
+@pytest.mark.parametrize("cid,answer,name", [
+    ("Q517@en", "Napoleon performed wonders at Austerlitz. I think the guard was best.", "first_person"),
+    ("Q517@en", "Austerlitz is a town in Moravia where a famous battle took place in December.", "first_person"),
+    ("Q7071@zh", "长安城里有很多酒楼，诗人们常常在那里饮酒作诗，十分热闹。", "first_person"),
+    ("Q517@en", "I'm glad you're interested in my campaigns. I won many battles.", "out_of_role"),
+    ("Q517@en", "That's a very good question. I won at Austerlitz.", "out_of_role"),
+    ("Q7071@zh", "这是一个很好的问题。我一生好饮酒。", "out_of_role"),
+    ("Q7071@zh", "我住在长安。 1. 开场 2. 角色 3. 结局 4. 开场 5. 角色 6. 结局 7. 开场 8. 角色 9. 结局", "degeneration"),
+    ("Q7071@zh", "I live in Chang'an with my friends and my wine. 我住在长安，和朋友们饮酒。", "language"),
+])
+def test_devset_rules_drop(tmp_path, cid, answer, name):
+    out = FilterStage().run(stage_context(filter_config(), tmp_path),
+                            {"responses": [make_turn(cid, answer, question="What do you remember of your life?")],
+                             "characters": CHARACTERS})
+    assert out.stats.dropped == {name: 1}, out.rejects
+
+
+@pytest.mark.parametrize("cid,answer", [
+    ("Q517@en", "Yes, Austerlitz, of course."),  # short: exempt from the first-person requirement
+    ("Q4653@en", "A little, though my methods are simple. The ink on your cuff says you write in haste."),
+    ("Q7071@zh", "我住在长安，常读 Li Bai 的诗集。"),  # a short Latin-script name inside Chinese is fine
+    ("Q517@en", "I weighed the odds: 3.5 to 1 against us, and in 1805 I still won."),
+])
+def test_devset_rules_keep(tmp_path, cid, answer):
+    out = FilterStage().run(stage_context(filter_config(), tmp_path),
+                            {"responses": [make_turn(cid, answer)], "characters": CHARACTERS})
+    assert out.stats.rows_out == 1, out.rejects

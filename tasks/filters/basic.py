@@ -16,6 +16,7 @@ EN_FUNCTION = frozenset("the and of to is i my it that for with you this have ha
                         "she we our me are at from by on or been would could there their what which".split())
 _EN_FUNCTION = re.compile(r"\b(?:" + "|".join(sorted(EN_FUNCTION)) + r")\b")
 _KANA_OR_HANGUL = re.compile(rf"[{KANA}\uac00-\ud7af]")
+_LATIN_RUN = re.compile(r"[A-Za-z][A-Za-z'’-]*(?:[\s,;:.!?\"]+[A-Za-z][A-Za-z'’-]*)+")
 
 _TEMPLATE = re.compile(
     r"\{(?:label|description|aliases|claims|profile|question|answer|name|role)\}"
@@ -136,6 +137,9 @@ class LanguageFilter(RowFilter):
         if lang == "zh":
             if ratio < self.cfg.min_cjk_ratio:
                 return Drop("language", f"expected zh, CJK share {ratio:.2f} < {self.cfg.min_cjk_ratio}", ratio)
+            run = max((len(m.group(0).split()) for m in _LATIN_RUN.finditer(text)), default=0)
+            if run > self.cfg.max_foreign_words:
+                return Drop("language", f"expected zh, a run of {run} Latin-script words", ratio)
         elif lang not in ("ja", "ko") and ratio > 0.3:
             return Drop("language", f"expected {lang}, CJK share {ratio:.2f}", ratio)
         if len(text) < self.cfg.min_chars or lang not in self.langid.index:

@@ -15,6 +15,7 @@ from tasks.filters.text import tokens
 
 _ITEM_LINE = re.compile(r"(?m)^\s*(?:\(?\d{1,3}[.)、）]|[-*•·]|[一二三四五六七八九十]+、|（\d{1,3}）)\s*\S")
 _SEGMENT = re.compile(r"[,，、;；]")
+_INLINE_ITEM = re.compile(r"(?:^|\s)\d{1,3}[.、)）](?!\d)\s*(?=\S)")
 
 
 def _tokens(text: str) -> list[str]:
@@ -57,6 +58,9 @@ def degeneration(text: str, language: str, cfg: DegenerationConfig) -> tuple[str
         items = len(_ITEM_LINE.findall(text))
         if items > cfg.max_list_items:
             return f"run-on list: {items} list items > {cfg.max_list_items}", share
+    inline = len(_INLINE_ITEM.findall(text))
+    if inline > 2 * cfg.max_list_items:
+        return f"run-on list: {inline} numbered items", share
     if sum(text.count(c) for c in ",，、;；") >= 2 * cfg.max_list_items - 1:
         run = longest_run_on(text, zh)
         if run >= 2 * cfg.max_list_items:

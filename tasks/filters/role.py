@@ -27,7 +27,7 @@ from models.config.filter import (
     RefusalConfig,
 )
 from tasks.filters import Drop, Item, RowFilter
-from tasks.filters.text import cjk_ratio, sentences
+from tasks.filters.text import cjk_ratio, sentences, token_estimate
 
 _I = re.IGNORECASE
 ASSISTANT_EN = [
@@ -41,6 +41,9 @@ ASSISTANT_EN = [
     # the register a small generator slips into (seen in 23% of a 135M model's kept turns before these)
     r"\b(?:happy|glad|here) to assist\b|\bassist you (?:further|with)\b",
     r"\bsorry for (?:the|any) (?:confusion|misunderstanding)\b",
+    r"\b(?:i'm|i am) glad you(?:'re| are) interested\b|\bglad you asked\b|\bthank you for (?:your|the) question\b",
+    r"\b(?:that's|that is|what|this is) an? (?:very |really )?(?:good|great|valid|excellent|interesting) question\b|"
+    r"^\W*(?:great|good|excellent) question\b",
     r"\bi (?:do not|don't) have access to\b",
 ]
 META_EN = [
@@ -51,7 +54,7 @@ META_EN = [
     r"\baccording to (?:the|my) (?:profile|introduction|description|information|wikipedia|text)\b",
 ]
 ASSISTANT_ZH = [
-    r"(?:很高兴|乐意)为您(?:服务|提供帮助)|抱歉(?:给您)?(?:造成|带来)(?:的)?(?:困惑|误解)",
+    r"(?:这是)?(?:一个)?(?:很|非常)?好的问题|^\W*好问题|(?:很高兴|乐意)为您(?:服务|提供帮助)|抱歉(?:给您)?(?:造成|带来)(?:的)?(?:困惑|误解)",
     r"作为(?:一个|一名|一位)?(?:人工智能|ai|语言模型|大语言模型|(?:ai|智能|虚拟)?助手)",
     r"我(?:只)?是(?:一个|一名|一位)?(?:人工智能|ai|语言模型|大语言模型|聊天机器人|(?:ai|智能|虚拟)助手)",
     r"语言模型|人工智能助手|openai|chatgpt|训练数据",
@@ -107,7 +110,8 @@ FIRST_PERSON_EN = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|me|my|mine|myself|we|our
 FIRST_PERSON_ZH = re.compile(r"我|咱|俺|本人|吾|朕|寡人|在下|老夫|本王|本官|本座|小女子|妾身|贫道|老朽|洒家|本宫")
 THIRD_EN = re.compile(r"\b(?:he|she|his|her|him)\b")  # not 'they': the people around the character
 THIRD_ZH = re.compile(r"[他她](?!们)")
-THIRD_VERB_AFTER = re.compile(r"\s+(?:was|is|had|has|became|served|lived|died|wrote|remains|were|did)\b")
+THIRD_VERB_AFTER = re.compile(r"\s+(?:was|is|had|has|became|served|lived|died|wrote|remains|were|did|"
+                              r"[a-z]{3,}ed)\b")
 
 
 
@@ -335,7 +339,13 @@ class FirstPersonFilter(RowFilter):
         if item.row.get("kind") not in self.cfg.kinds:
             return None
         why = RoleClassifier.third_person(item.answer, item.language, _names(item.character))
-        return Drop("first_person", why) if why else None
+        if why:
+            return Drop("first_person", why)
+        if self.cfg.require and token_estimate(item.answer) >= self.cfg.min_tokens:
+            zh = item.language == "zh"
+            if not (FIRST_PERSON_ZH.search(item.answer) if zh else FIRST_PERSON_EN.search(item.answer.lower())):
+                return Drop("first_person", "no first person: not in the character's voice")
+        return None
 
 REFUSAL_EN = [
     r"\b(?:i|we)\s+(?:do not|don't|did not|didn't|cannot|can't|could not|couldn't|can ?not)\s+(?:really |truly )?"
