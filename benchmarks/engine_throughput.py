@@ -1,173 +1,169 @@
-"""Engine throughput: raw `vllm.LLM.chat` vs the pipeline path, and transformers batch 1 vs 16.
+"""The pipeline's generation against raw vLLM, on the prompts the pipeline itself sent.
 
-The same N role-play prompts (the responses stage's T_R prompt over bundled characters) go
-  raw:      one `LLM.chat(all prompts)` call on the engine's own `vllm.LLM`;
-  pipeline: `--shards` shard tasks on `--workers` threads, each running ResponsesStage.run on its
-            shard through get_engine(...).generate (the Coalescer merges concurrent shards),
-alternating raw/pipeline `--repeats` times in one process, so both use the same loaded engine.
-Tokens/s counts completion tokens over wall time; the target is pipeline/raw >= 0.95.
+One process, vLLM on CPU (or GPU), the bundled model unless --model is given:
+  pipeline: a whole `--until responses` run (flows.build.run_build, a fresh home, the demo config,
+            --characters characters): the queries stage with its per-request re-sampling, then the
+            responses stage, on the in-process streaming engine. Every request is recorded (chat,
+            Sampling, completion tokens, submit and finish times) at the engine boundary.
+  raw:      a separate `vllm.LLM` (loaded in this process, its load timed) runs `LLM.generate` on
+            exactly those recorded requests, rendered with the model's chat template, with the same
+            SamplingParams, one call per phase (queries requests incl. re-samples, then responses).
+Runs alternate pipeline / raw `--repeats` times (the pipeline engine loads once, in the first run).
+Reported per phase: completion tokens per second, pipeline over the phase's first submit to last
+finish, raw over its LLM.generate call; target pipeline/raw >= 0.98. End to end (first run only):
+the run's wall time incl. engine start-up vs raw load + raw generation; target >= 0.9.
+`--record-lengths` stores the recorded completion tokens per call (queries, responses) in
+benchmarks/data/completion_lengths.json as the "recorded" distribution for generation_sim.py.
 
-    flock /tmp/heavy.lock python benchmarks/engine_throughput.py --n 256 --max-tokens 64
+    python benchmarks/engine_throughput.py --characters 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import statistics
 import sys
+import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-QUESTIONS = [
-    "What was the hardest decision you ever had to make?",
-    "How do you spend a quiet evening at home?",
-    "Who taught you the most important lesson of your life?",
-    "What do you think of smartphones?",
-    "Which of your achievements are you proudest of?",
-    "What would you say to someone who doubts you?",
-    "Can you explain how a jet engine works?",
-    "What did you eat for breakfast as a child?",
-]
+DATA = Path(__file__).resolve().parent / "data" / "completion_lengths.json"
 
 
-def load_characters(limit: int) -> list[dict]:
-    try:
-        from models.config.characters import CharactersConfig
-        from tasks.characters import collect_characters
+class Recorder:
+    """Patches VLLMEngine.submit to log every request at the engine boundary."""
 
-        chars, _ = collect_characters(CharactersConfig(top_n=limit))
-        rows = [c.model_dump(mode="json") for c in chars]
-        if rows:
-            return rows
-    except Exception as exc:  # the bundled corpus is optional here
-        print(f"(bundled characters unavailable: {exc}; using synthetic profiles)")
-    return [{"id": f"Q{i}", "label": f"Character {i}", "description": "a fictional explorer", "aliases": [],
-             "claims": "occupation: explorer", "category": "fictional", "language": "en",
-             "summary": f"Character {i} is an explorer who crossed the northern ice in the year {1800 + i}. " * 8,
-             "article": "", "source": "synthetic"} for i in range(limit)]
+    def __init__(self):
+        from engines.vllm_engine import VLLMEngine
 
+        self.records: list[dict] = []
+        self.lock = threading.Lock()
+        original = VLLMEngine.submit
 
-def make_queries(chars: list[dict], n: int) -> list[dict]:
-    from models.records import GenerationMeta
+        def submit(engine, chat, sampling):
+            rec = {"chat": chat, "sampling": sampling, "t0": time.perf_counter()}
+            fut = original(engine, chat, sampling)
 
-    meta = GenerationMeta(prompt="[]", raw_output="").model_dump(mode="json")
-    out = []
-    for i in range(n):
-        ch = chars[i % len(chars)]
-        rid = f"{ch['id']}@{ch['language']}"
-        out.append({"id": f"q{i}", "character_id": rid, "language": ch["language"], "kind": "role_specific",
-                    "question": QUESTIONS[(i // len(chars)) % len(QUESTIONS)], "reason": "", "author_id": rid,
-                    "partner_id": rid, "parents": [], "gen": meta})
-    return out
+            def done(f):
+                rec["t1"] = time.perf_counter()
+                if not f.cancelled() and f.exception() is None:
+                    rec["tokens"] = f.result().completion_tokens
+                    with self.lock:
+                        self.records.append(rec)
 
+            fut.add_done_callback(done)
+            return fut
 
-def run_raw(llm, chats, sampling) -> tuple[int, float]:
-    from engines.vllm_engine import run_chat
+        VLLMEngine.submit = submit
 
-    t0 = time.perf_counter()
-    gens = run_chat(llm, chats, [sampling] * len(chats), "raw")
-    return sum(g.completion_tokens for g in gens), time.perf_counter() - t0
+    def take(self) -> list[dict]:
+        with self.lock:
+            out, self.records = self.records, []
+        return out
 
 
-def run_pipeline(config, chars, queries, shards: int, workers: int) -> tuple[int, float]:
-    from tasks.base import StageContext
-    from tasks.responses import ResponsesStage
-
-    stage = ResponsesStage()
-    parts = [queries[i::shards] for i in range(shards)]
-
-    def shard(i: int) -> int:
-        ctx = StageContext(run_id="bench", stage="responses", shard=i, num_shards=shards, config=config,
-                           home=Path("/tmp"))
-        out = stage.run(ctx, {"queries": parts[i], "characters": chars})
-        assert len(out.rows) == len(parts[i]), out.rejects[:1]
-        return sum(r.gen.completion_tokens for r in out.rows)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        tokens = sum(pool.map(shard, range(shards)))
-    return tokens, time.perf_counter() - t0
+def phase_of(rec: dict) -> str:
+    return "queries" if rec["sampling"].json_schema is not None else "responses"
 
 
-def bench_vllm(args) -> None:
-    from engines.base import Sampling, get_engine
-    from models.config import RunConfig
-    from models.config.engine import EngineConfig
-    from tasks.responses import build_messages
-
-    config = RunConfig(engine=EngineConfig(kind="vllm", seed=0, max_model_len=2048, max_batch=args.n))
-    config.responses.sampling.max_tokens = args.max_tokens
-    chars = load_characters(args.characters)
-    queries = make_queries(chars, args.n)
-    by_id = {f"{c['id']}@{c['language']}": c for c in chars}
-    chats = [build_messages(by_id[q["character_id"]], q["question"], config.responses.max_profile_tokens)[0]
-             for q in queries]
-    sp = config.responses.sampling
-    sampling = Sampling(temperature=sp.temperature, top_p=sp.top_p, repetition_penalty=sp.repetition_penalty,
-                        max_tokens=sp.max_tokens)
-
-    t0 = time.perf_counter()
-    engine = get_engine(config.engine)
-    print(f"vLLM engine loaded in {time.perf_counter() - t0:.1f}s; {args.n} prompts, "
-          f"{len(chars)} characters, max_tokens={args.max_tokens}, {args.shards} shards on {args.workers} threads")
-    run_raw(engine.engine.llm, chats[:16], sampling)  # warm-up
-    raw, pipe = [], []
-    for r in range(args.repeats):
-        tok, sec = run_raw(engine.engine.llm, chats, sampling)
-        raw.append(tok / sec)
-        print(f"  [{r}] raw LLM.chat : {tok:6d} tokens {sec:7.2f}s {tok / sec:8.1f} tok/s")
-        tok, sec = run_pipeline(config, chars, queries, args.shards, args.workers)
-        pipe.append(tok / sec)
-        print(f"  [{r}] pipeline     : {tok:6d} tokens {sec:7.2f}s {tok / sec:8.1f} tok/s")
-    r, p = statistics.median(raw), statistics.median(pipe)
-    print(f"vLLM raw {r:.1f} tok/s, pipeline {p:.1f} tok/s, ratio {p / r:.3f} (target >= 0.95)")
+def overrides(args) -> list[str]:
+    return [f"characters.top_n={args.characters}", "engine.kind=vllm", f"engine.model={args.model}",
+            f"characters.shard_size={args.shard_size}", *args.set]
 
 
-def bench_transformers(args) -> None:
-    from engines.base import Sampling
-    from engines.transformers_engine import TransformersEngine
-    from models.config.engine import EngineConfig
+def run_pipeline(args, home: Path, run_id: str) -> float:
+    from flows.build import run_build
 
-    chats = [[{"role": "system", "content": "You are Sherlock Holmes, the detective."},
-              {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(args.hf_n)]
-    sampling = Sampling(temperature=0.7, top_p=0.8, repetition_penalty=1.1, max_tokens=args.hf_max_tokens)
-    rates = {}
-    for bs in (1, 16):
-        engine = TransformersEngine(EngineConfig(kind="transformers", batch_size=bs))
-        engine.load()
-        engine.generate(chats[:2], sampling)  # warm-up
-        t0 = time.perf_counter()
-        gens = engine.generate(chats, sampling)
-        sec = time.perf_counter() - t0
-        tok = sum(g.completion_tokens for g in gens)
-        rates[bs] = tok / sec
-        print(f"  transformers batch {bs:2d}: {tok:5d} tokens {sec:7.2f}s {tok / sec:8.1f} tok/s")
-        engine.close()
-    print(f"transformers batch-16 speedup over batch-1: {rates[16] / rates[1]:.2f}x")
+    t = time.perf_counter()
+    summary = run_build(overrides=overrides(args), home=home, until="responses", run_id=run_id)
+    wall = time.perf_counter() - t
+    if summary.get("status") != "completed":
+        raise SystemExit(f"the pipeline run did not complete: {summary}")
+    return wall
+
+
+def raw_phase(llm, tokenizer, recs: list[dict]) -> tuple[int, float]:
+    from engines.vllm_engine import on_cpu, sampling_params
+
+    prompts = [{"prompt_token_ids": tokenizer.encode(
+        tokenizer.apply_chat_template(r["chat"], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)} for r in recs]
+    params = [sampling_params(r["sampling"], per_request_seed=not on_cpu()) for r in recs]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - t
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=256, help="prompts (>= 256 for the reported figure)")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--characters", type=int, default=32)
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--hf-n", type=int, default=32)
-    ap.add_argument("--hf-max-tokens", type=int, default=32)
-    ap.add_argument("--skip-vllm", action="store_true")
-    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--characters", type=int, default=3, help="characters.top_n of the run")
+    ap.add_argument("--shard-size", type=int, default=2, help="characters.shard_size (more shards overlap more)")
+    ap.add_argument("--model", default="bundled:smollm2-135m-instruct", help="engine.model (path or HF id)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
+    ap.add_argument("--record-lengths", action="store_true")
     args = ap.parse_args()
-    if not args.skip_vllm:
-        bench_vllm(args)
-    if not args.skip_transformers:
-        bench_transformers(args)
+
+    from engines.base import close_engines
+    from engines.bundled import resolve_model
+    from engines.vllm_engine import llm_kwargs
+
+    recorder = Recorder()
+    rows = []
+    llm = tokenizer = None
+    raw_load = 0.0
+    e2e = None
+    tmp = Path(tempfile.mkdtemp(prefix="ditto-engine-throughput-"))
+    for rep in range(args.repeats):
+        wall = run_pipeline(args, tmp / f"home-{rep}", f"throughput-{rep}")
+        recs = recorder.take()
+        if llm is None:
+            from vllm import LLM
+
+            from flows.build import DEMO_CONFIG
+            from models.config import load_config
+
+            cfg = load_config(str(DEMO_CONFIG), overrides(args)).engine  # the run's own engine settings
+            t = time.perf_counter()
+            llm = LLM(**llm_kwargs(cfg, resolve_model(cfg.model)))
+            raw_load = time.perf_counter() - t
+            tokenizer = llm.get_tokenizer()
+        raw_total_s, raw_total_tok = 0.0, 0
+        for phase in ("queries", "responses"):
+            prs = [r for r in recs if phase_of(r) == phase]
+            if not prs:
+                continue
+            p_tok = sum(r["tokens"] for r in prs)
+            p_s = max(r["t1"] for r in prs) - min(r["t0"] for r in prs)
+            r_tok, r_s = raw_phase(llm, tokenizer, prs)
+            raw_total_s += r_s
+            raw_total_tok += r_tok
+            ratio = (p_tok / p_s) / (r_tok / r_s)
+            rows.append((rep, phase, len(prs), p_tok, p_s, r_tok, r_s, ratio))
+            print(f"run {rep} {phase:<9} requests {len(prs):>4}  pipeline {p_tok:>6} tok {p_s:7.1f} s "
+                  f"{p_tok / p_s:7.1f} tok/s   raw {r_tok:>6} tok {r_s:7.1f} s {r_tok / r_s:7.1f} tok/s   "
+                  f"ratio {ratio:.3f}", flush=True)
+        if rep == 0:
+            p_tok_all = sum(r["tokens"] for r in recs)
+            e2e = (p_tok_all / wall) / (raw_total_tok / (raw_load + raw_total_s))
+            print(f"end to end: pipeline {p_tok_all} tok in {wall:.1f} s (incl. engine start-up) vs raw load "
+                  f"{raw_load:.1f} s + {raw_total_s:.1f} s generation: ratio {e2e:.3f}", flush=True)
+        if args.record_lengths and rep == 0:
+            data = json.loads(DATA.read_text())
+            data["distributions"]["recorded"] = {
+                ph: [r["tokens"] for r in recs if phase_of(r) == ph] for ph in ("queries", "responses")}
+            data["distributions"]["recorded"]["judge"] = data["distributions"]["bundled"]["judge"]
+            data["recorded_with"] = {"model": args.model, "characters": args.characters,
+                                     "date": time.strftime("%Y-%m-%d")}
+            DATA.write_text(json.dumps(data))
+    close_engines()
+    gen = [r[-1] for r in rows]
+    print(f"generation phases: min ratio {min(gen):.3f} (target >= 0.98); end to end {e2e:.3f} (target >= 0.9)")
 
 
 if __name__ == "__main__":

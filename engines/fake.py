@@ -4,7 +4,8 @@ schema it returns a minimal instance of that schema (questions for the query sta
 
 Options (engine.options): fail_on (a substring: prompts containing it raise a permanent EngineError),
 fail_while_exists (fail_on applies only while this file exists), transient_failures (the first N calls
-raise TransientEngineError)."""
+raise TransientEngineError; a call is one submitted request or one generate() list).
+Its `submit` completes synchronously (the base class runs `_generate` on the one request)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ deliberately faulty endpoints. Run them under `flock /tmp/heavy.lock` on shared 
 
 from __future__ import annotations
 
+import gc
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -192,6 +193,59 @@ def test_openai_only_faulty_endpoints_raise_transient(openai_stub):
         assert is_transient(info.value)
     finally:
         engine.close()
+
+
+# --- streaming vs the batch path, cancellation, guided JSON on transformers -----------------------
+
+GREEDY_CHATS = [ROLEPLAY, QUERY_CHAT, [{"role": "user", "content": "Name three rivers in Europe."}]]
+
+
+def test_vllm_streaming_matches_the_batch_path_for_greedy_decoding(vllm_engine):
+    """The AsyncLLM engine (per-request submit, the chat template rendered by the tokenizer) gives the
+    same greedy text and prompt length as `vllm.LLM.chat` on the same model and settings."""
+    from vllm import LLM
+
+    from engines.bundled import resolve_model
+    from engines.vllm_engine import llm_kwargs, run_chat
+
+    greedy = Sampling(temperature=0, max_tokens=24)
+    futures = [vllm_engine.submit(c, greedy) for c in GREEDY_CHATS]
+    streamed = [f.result(600) for f in futures]
+    llm = LLM(**llm_kwargs(VLLM_CONFIG, resolve_model(VLLM_CONFIG.model)))
+    try:
+        batch = run_chat(llm, GREEDY_CHATS, [greedy] * len(GREEDY_CHATS), "batch")
+        guided = Sampling(temperature=0, max_tokens=120, json_schema=QUESTIONS_SCHEMA)
+        (batch_json,) = run_chat(llm, [QUERY_CHAT], [guided], "batch")
+    finally:
+        del llm
+        gc.collect()  # stops the reference engine's core process
+    assert [g.text for g in streamed] == [g.text for g in batch]
+    assert [g.prompt_tokens for g in streamed] == [g.prompt_tokens for g in batch]
+    assert vllm_engine.submit(QUERY_CHAT, guided).result(600).text == batch_json.text
+
+
+def test_closing_the_vllm_engine_cancels_outstanding_requests():
+    from engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(VLLM_CONFIG)
+    engine.load()
+    futures = [engine.submit(ROLEPLAY, Sampling(temperature=0.7, max_tokens=400)) for _ in range(8)]
+    engine.close()  # returns: no hang on running requests
+    assert all(f.cancelled() for f in futures)
+
+
+def test_queries_stage_on_transformers_with_the_bundled_model_yields_queries(tmp_path):
+    """Guided JSON enforced by xgrammar: the bundled 135M model writes parseable question JSON."""
+    from flows.build import run_build
+    from storage.reader import CatalogReader
+
+    res = run_build(overrides=["engine.kind=transformers", "characters.top_n=2", "characters.shard_size=2",
+                               "queries.pairings=1", "queries.sampling.max_tokens=160"],
+                    home=tmp_path / "home", until="queries")
+    assert res["status"] == "completed", res
+    with CatalogReader(tmp_path / "home") as rd:
+        st = {s["stage"]: s for s in rd.stage_stats(res["run_id"])}
+    assert st["queries"]["rows_out"] > 0, st["queries"]
 
 
 # --- CUDA paths -----------------------------------------------------------------------------------
