@@ -238,6 +238,7 @@ class Catalog:
         except BaseException:
             self._release()
             raise
+        self._flush_con = self._con.cursor()  # the deferred export's own connection (made in this thread)
         self.con = _TrackedConnection(self)
 
     def _corrupted(self, msg: str) -> str:
@@ -357,9 +358,10 @@ class Catalog:
                 else:
                     _PROCESS_LOCKS[key] = (fd, n - 1)
             self._lock_fd = None
-        con = getattr(self, "_con", None)
-        if con is not None:
-            con.close()
+        for name in ("_flush_con", "_con"):
+            con = getattr(self, name, None)
+            if con is not None:
+                con.close()
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -638,11 +640,7 @@ class Catalog:
             self._timer = None
             if self._closed or not self._dirty:
                 return
-            cur = self._con.cursor()  # its own connection to the database, for this thread
-            try:
-                self._flush(cur)
-            finally:
-                cur.close()
+            self._flush(self._flush_con)
 
     def _flush(self, con: Any) -> None:
         with self._lock:
