@@ -305,3 +305,20 @@ def test_json_commands_print_only_json_on_stdout_even_when_engine_processes_writ
     assert json.loads(r.stdout)["run"]["status"] == "completed"
     assert "noisy worker" in r.stderr and "noisy print" in r.stderr and "noisy fd" in r.stderr
     assert os.path.exists(home / "catalog.duckdb")
+
+
+@pytest.mark.parametrize("cmd, target", [(["eval", RUN_OK], "flows.evaluate.evaluate_flow"),
+                                         (["train", RUN_OK], "flows.train.train_flow")])
+def test_eval_and_train_json_keep_stdout_for_the_json(fake_home, monkeypatch, cmd, target):
+    home, _ = fake_home
+    module, name = target.rsplit(".", 1)
+
+    def noisy(**kwargs):
+        print("INFO 12-01 vllm worker: loading weights")  # as vLLM's in-process logger does
+        return {"run_id": RUN_OK, "report": None}
+
+    monkeypatch.setattr(__import__(module, fromlist=[name]), name, noisy)
+    res = runner.invoke(app, [*cmd, "--home", str(home), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["run_id"] == RUN_OK
+    assert "loading weights" in res.stderr
