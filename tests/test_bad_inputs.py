@@ -678,3 +678,59 @@ def test_empty_or_huge_ids_are_rejections(tmp_path, cid, filter_, reason):
     kept, rejects = collect_characters(CharactersConfig(source="jsonl", path=str(path)))
     assert [c.id for c in kept] == ["fine"]
     assert [(r.filter, reason in r.reason) for r in rejects] == [(filter_, True)]
+
+
+@pytest.mark.parametrize("real, named", [("gzip", "e.json.bz2"), ("bz2", "e.json.gz"), ("gzip", "e.json")])
+def test_a_dump_compressed_otherwise_than_its_name_says_is_read_not_reported_truncated(tmp_path, real, named):
+    import bz2
+    import gzip
+
+    from models.config.characters import CharactersConfig
+    from tasks.characters import collect_characters
+    from tests.plugins.characters import article, dump_lines, entity, write_articles
+
+    data = b"\n".join(dump_lines([entity("Q1", {"en": "Ann"}, p31="Q5", sitelinks={"enwiki": "Ann"}),
+                                  entity("Q2", {"en": "Bob"}, p31="Q5", sitelinks={"enwiki": "Bob"})])) + b"\n"
+    dump = tmp_path / named
+    dump.write_bytes({"gzip": gzip.compress, "bz2": bz2.compress}[real](data))
+    arts = write_articles(tmp_path / "a.jsonl", [article("en", "Ann", PROFILE), article("en", "Bob", PROFILE)])
+    kept, rejects = collect_characters(CharactersConfig(source="wikidata", wikidata_dump=str(dump),
+                                                        wikipedia=[str(arts)]))
+    assert sorted(c.id for c in kept) == ["Q1", "Q2"] and rejects == []
+
+
+# -- bad config values stop the CLI before anything runs (issue 14, items 8 and 14) -----------------
+@pytest.mark.parametrize("setting, message", [
+    ("characters.exclude_pattern=[unclosed", "bad value for 'characters.exclude_pattern': invalid regular expression"),
+    ('filter.out_of_role.extra_patterns=["(?P<x"]', "bad value for 'filter.out_of_role.extra_patterns.0'"),
+    ("sessions.system_template=You are {name}", "bad value for 'sessions.system_template': unknown field '{name}'"),
+    ("characters.languages=[]", "bad value for 'characters.languages'"),
+    ("characters.top_n=yes", "bad value for 'characters.top_n'"),
+])
+def test_bad_config_values_exit_2_before_anything_is_written(existing, home, intact, setting, message):
+    _, chars, _ = existing
+    before = sorted(p.relative_to(home) for p in home.rglob("*"))
+    res = _run(home, [*fast_overrides(chars), setting], "badcfg")
+    assert res.exit_code == 2, res.output
+    assert flat(message) in flat(res.output)
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == before
+    intact()
+
+
+def test_duplicate_key_in_a_config_file_exits_2_naming_key_and_file(existing, home, tmp_path, intact):
+    _, chars, _ = existing
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text(f"characters:\n  source: jsonl\n  path: {chars}\n  top_n: 3\n  top_n: 30\nengine: {{kind: fake}}\n")
+    res = cli.invoke(app, ["run", str(cfg), "--home", str(home), "--run-id", "dup"])
+    assert res.exit_code == 2 and flat(f"{cfg}") in flat(res.output) and "duplicate key 'top_n'" in res.output
+    intact()
+
+
+def test_a_partial_nested_set_runs(existing, home, intact):
+    _, chars, _ = existing
+    res = _run(home, [*fast_overrides(chars), "filter.length.default.max=399"], "partial", "--until", "characters")
+    assert res.exit_code == 0, res.output
+    with CatalogReader(home) as rd:
+        stored = json.loads(rd.run("partial")["config"])
+    assert stored["filter"]["length"]["default"] == {"min": 3, "max": 399}
+    intact()
