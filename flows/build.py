@@ -402,7 +402,8 @@ class _Runner:
             self._mark_done(m, reused_from=reused)
             self.results[name][m.shard] = m
             self.state[(name, m.shard)] = DONE
-            _emit("shard_done", stage=name, shard=m.shard, rows=m.rows, status="done")
+            _emit("shard_done", stage=name, shard=m.shard, rows=m.rows, status="done",
+                  rows_out=(m.stats or {}).get("rows_out"))
         self.finish_stage(name)
         if not any(m.rows for m in res.shards):
             rejected = sum(m.rejected_rows for m in res.shards)
@@ -534,8 +535,10 @@ class _Runner:
     def settle(self, name: str, k: int, state: str, rows: int | None = None, status: str | None = None) -> None:
         self.state[(name, k)] = state
         self.unsettled[name] -= 1
-        if status is not None:
-            _emit("shard_done", stage=name, shard=k, rows=rows or 0, status=status)
+        if status is not None:  # rows_out: the unit of the summary table (turns for session stages)
+            res = self.results.get(name, {}).get(k) if state == DONE else None
+            _emit("shard_done", stage=name, shard=k, rows=rows or 0, status=status,
+                  rows_out=(res.stats or {}).get("rows_out") if res is not None else None)
         n = self.num_shards or 0
         if self.progress.get(name) is not None:
             update_progress(self.progress[name], n - self.unsettled[name], n)
@@ -557,6 +560,15 @@ class _Runner:
         stats = self.cat.update_stage_stats(self.run_id, name, metrics=metrics)
         self._artifacts(name, stats)
         _emit("stage_end", stage=name, stats=stats)
+
+    def record_run_metrics(self, names: list[str]) -> None:
+        """Run-level metrics (all stages together, the engines over this invocation), kept under `run` in
+        the source stage's metrics."""
+        from flows.report import run_metrics
+
+        eng = self.engines.delta(None) if self.engines is not None else None
+        m = run_metrics({n: self.cat.shards(self.run_id, n) for n in names}, eng.as_dict() if eng else None)
+        self.cat.update_stage_stats(self.run_id, names[0], metrics={"run": m})
 
     def _artifacts(self, name: str, stats: dict[str, Any]) -> None:
         from flows.artifacts import publish_stage_artifacts
@@ -680,6 +692,7 @@ def build(cfg: RunConfig, run_id: str, home: Path, names: list[str], fresh: bool
                     runner.source(first)
                 runner.pipeline(rest)
             left = runner.outstanding(names)
+            runner.record_run_metrics(names)
         except BaseException as exc:
             cat.finish_run(run_id, "failed", _error_text(exc))
             raise

@@ -104,6 +104,33 @@ def stage_metrics(rows: list[dict[str, Any]], engine: dict[str, Any] | None = No
     return out
 
 
+def run_metrics(stage_rows: dict[str, list[dict[str, Any]]], engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's metrics over all its stages: wall seconds with any shard task running (stages overlap, so
+    this is less than the sum of the stages' wall seconds), generated completion tokens per wall second,
+    and the engines' counters over the invocation. Stored under `run` in the source stage's metrics."""
+    spans = [(a, b) for rows in stage_rows.values() for _, a, b in timeline(rows)]
+    wall = interval_union(spans)
+    per_stage = {name: stage_metrics(rows) for name, rows in stage_rows.items()}
+    completion = sum(m["completion_tokens"] for m in per_stage.values())
+    out: dict[str, Any] = {
+        "wall_s": round(wall, 3),
+        "stage_wall_s": round(sum(m["wall_s"] for m in per_stage.values()), 3),
+        "completion_tokens": completion,
+        "completion_tokens_per_wall_s": round(completion / wall, 2) if wall > 0 else None,
+        "resampled": sum(m["resampled"] for m in per_stage.values()),
+    }
+    if engine is not None:
+        out["engine"] = engine
+    return out
+
+
+def run_metrics_of(db: Any, run_id: str) -> dict[str, Any]:
+    from flows.stages import STAGE_ORDER
+
+    rows = db.query("SELECT stage, metrics FROM stage_stats WHERE run_id = ? AND stage = ?", [run_id, STAGE_ORDER[0]])
+    return _metrics(rows[0]).get("run") or {} if rows else {}
+
+
 # -- what changed since the previous run of the dataset ---------------------------------------------
 def previous_run(db: Any, run_id: str) -> dict[str, Any] | None:
     """The dataset's newest run that started before this one (and reached its characters stage)."""
@@ -246,6 +273,13 @@ def metrics_lines(stages: list[dict[str, Any]]) -> list[str]:
     lines = []
     for s in sorted(stages, key=lambda s: STAGE_ORDER.index(s["stage"]) if s["stage"] in STAGE_ORDER else 99):
         m = _metrics(s)
+        run = m.get("run")
+        if run and run.get("wall_s"):
+            e = run.get("engine") or {}
+            lines.insert(0, f"  run: wall {run['wall_s']:.1f}s (stages' own {run['stage_wall_s']:.1f}s), "
+                            f"{run.get('completion_tokens_per_wall_s') or 0:.1f} completion tok/s"
+                            + (f", engine busy {e.get('busy_seconds', 0):.1f}s, mean running "
+                               f"{e.get('mean_running', 0):.1f}" if e.get("requests") else ""))
         if not m.get("shards_computed"):
             continue
         parts = [f"wall {m['wall_s']:.1f}s", f"shard-seconds {m['shard_seconds']:.1f}"]
@@ -264,7 +298,8 @@ def metrics_lines(stages: list[dict[str, Any]]) -> list[str]:
 
 def show_extras(db: Any, run_id: str) -> dict[str, Any]:
     """What `ditto show` adds to the stage table (also in its --json output)."""
-    return {"notes": run_notes(db, run_id), "changes": what_changed(db, run_id)}
+    return {"notes": run_notes(db, run_id), "changes": what_changed(db, run_id),
+            "run_metrics": run_metrics_of(db, run_id)}
 
 
 def show_lines(details: dict[str, Any]) -> list[str]:
@@ -276,5 +311,5 @@ def show_lines(details: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["changes_lines", "interval_union", "metrics_lines", "previous_run", "run_notes", "show_extras",
-           "show_lines", "stage_metrics", "timeline", "what_changed"]
+__all__ = ["changes_lines", "interval_union", "metrics_lines", "previous_run", "run_metrics", "run_metrics_of", "run_notes",
+           "show_extras", "show_lines", "stage_metrics", "timeline", "what_changed"]

@@ -237,7 +237,19 @@ def test_stage_metrics_are_recorded_per_stage(tmp_path, fake_overrides):
     assert m["shards_computed"] == 4 and m["wall_s"] > 0 and m["shard_seconds"] >= m["wall_s"] * 0.999
     assert m["completion_tokens"] > 0 and m["completion_tokens_per_wall_s"] == pytest.approx(
         m["completion_tokens"] / m["wall_s"], rel=0.01)
-    assert m["engine"]["requests"] == s["stages"]["responses"]["requests"] and m["engine"]["busy_seconds"] >= 0
+    assert m["engine"]["requests"] == s["stages"]["responses"]["requests"] - m["cache_hits"]
+    assert m["engine"]["busy_seconds"] >= 0
+    run = rows["characters"]["run"]  # run-level: all stages together, the engine over the invocation
+    assert 0 < run["wall_s"] <= run["stage_wall_s"] + 1e-6
+    assert run["completion_tokens"] == sum(rows[st]["completion_tokens"] for st in ("queries", "responses"))
+    # what reached the engine: every request the shards counted, less those the generation cache answered
+    assert run["engine"]["requests"] == sum(s["stages"][st]["requests"] - rows[st]["cache_hits"]
+                                            for st in ("queries", "responses"))
+    from flows.report import metrics_lines
+
+    with CatalogReader(tmp_path / "h") as rd:
+        lines = metrics_lines(rd.stage_stats(s["run_id"]))
+    assert lines[0] == "timing:" and lines[1].startswith("  run: wall ") and any("responses: wall" in x for x in lines)
 
 
 def test_a_code_change_recomputes_that_stage_and_what_follows_only(tmp_path, fake_overrides, monkeypatch):
@@ -356,3 +368,4 @@ def test_dashboard_run_page_shows_wall_time_tok_s_the_timeline_and_what_changed(
     # only the tasks this run ran: the characters and queries shards were reused from the first run
     assert 'id="timeline"' in html and html.count('class="task"') == 4
     assert 'id="changes"' in html and first in html
+    assert 'id="run-metrics"' in html and "completion tok/s" in html

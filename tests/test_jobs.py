@@ -192,3 +192,23 @@ def test_stats_count_tokens_the_generation_cache_served_apart():
     d = st.as_dict()
     assert (d["requests"], d["prompt_tokens"], d["completion_tokens"]) == (3, 18, 10)
     assert (d["cache_hits"], d["cache_misses"], d["cached_prompt_tokens"], d["cached_completion_tokens"]) == (2, 1, 8, 5)
+
+
+def test_changes_markdown_and_show_lines_report_characters_shards_generations_and_tokens():
+    from flows.artifacts import changes_markdown
+    from flows.report import changes_lines
+
+    ch = {"run_id": "r2", "previous_run": "r1", "tokens": 1234, "generations": {"cached": 10, "new": 5},
+          "characters": {"added": 1, "changed": 2, "removed": 0, "unchanged": 7,
+                         "examples": {"added": ["Q9@en"], "changed": ["Q1@en", "Q2@zh"], "removed": []}},
+          "stages": {"queries": {"shards": 4, "reused": 3, "rebuilt": 1, "failed": 0, "requests": 15, "cached": 10,
+                                 "new": 5, "prompt_tokens": 1000, "completion_tokens": 234}}}
+    md = changes_markdown(ch)
+    assert "Against the previous run `r1`" in md and "| changed | 2 |" in md
+    assert "| queries | 1 | 3 | 0 | 10 | 5 | 1234 |" in md
+    lines = changes_lines(ch)
+    assert lines[0] == "what changed since r1:"
+    assert "  characters: 1 added, 2 changed, 0 removed, 7 unchanged" in lines
+    assert "    changed: Q1@en, Q2@zh" in lines
+    assert "  queries: 1 shards rebuilt, 3 reused, generations 10 cached / 5 new, 1234 tokens" in lines
+    assert changes_lines({**ch, "previous_run": None, "characters": None})[0].startswith("what changed: no earlier")
