@@ -263,3 +263,48 @@ def test_gone_snapshot_of_an_unchanged_input_is_read_again(tmp_path):
     path.write_text(path.read_text() + "\n")
     with pytest.raises(SnapshotGoneError, match=r"c\.jsonl changed since it was read \(size"):
         stage.collect_pinned(run, tmp_path / "home", {"pinned": pinned}, "r")
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_progress_reports_bytes_rate_and_eta(tmp_path, suffix):
+    dump = write(tmp_path / f"d{suffix}", dump_lines(many_entities()))
+    uncompressed = len(b"\n".join(dump_lines(many_entities())) + b"\n")
+    seen: list[dict] = []
+    list(read_chunks(dump, _lines, None, workers=1, chunk_bytes=4096, progress=seen.append, progress_interval=0))
+    assert len(seen) > (3 if suffix == ".json" else 1)  # a tiny compressed file is read in one go
+    assert [s["bytes_read"] for s in seen] == sorted(s["bytes_read"] for s in seen)
+    last = seen[-1]
+    assert last["bytes_read"] == last["bytes_total"] == dump.stat().st_size and last["fraction"] == 1.0
+    assert last["json_bytes"] == uncompressed and last["mb_s"] > 0 and last["eta_s"] == 0.0
+    assert all(s["eta_s"] is not None for s in seen)
+
+
+def test_flow_progress_hooks_get_the_source_progress(tmp_path, monkeypatch):
+    from flows import build
+
+    events: list[tuple[str, dict]] = []
+    monkeypatch.setattr(build, "PROGRESS_HOOKS", [lambda e, d: events.append((e, d))])
+    dump = write(tmp_path / "d.json.bz2", dump_lines(many_entities()))
+    from tasks.sources.wikidata import collect
+
+    collect(cfg_for(dump))
+    reports = [d for e, d in events if e == "source_progress"]
+    final = reports[-1]
+    assert final["stage"] == "characters" and final["bytes_read"] == dump.stat().st_size
+    assert final["eta_s"] == 0.0 and final["fraction"] == 1.0 and final["mb_s"] > 0
+
+
+def _scan_in_worker(path: str, chunk: int):
+    return as_plain(scan_dump(Path(path), cfg_for(Path(path)), workers=2, chunk_bytes=chunk))
+
+
+def test_inside_a_dask_worker_chunks_go_to_the_cluster(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    dump = write(tmp_path / "d.json.gz", bad_lines(many_entities()))
+    serial = as_plain(scan_dump(dump, cfg_for(dump), workers=1))
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as lc, \
+            distributed.Client(lc) as client:
+        got = client.submit(_scan_in_worker, str(dump), 2048).result()
+        tasks = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.task_prefixes))
+    assert got == serial
+    assert tasks > 1  # the chunk tasks ran on the cluster, not only the outer task

@@ -267,41 +267,60 @@ def _gzip_isize(path: Path) -> int | None:
 
 
 class _Pieces:
-    """The uncompressed stream as pieces: the parallel decoder first; when it fails (or a gzip stream ends
-    with a size that differs from its trailer: a cut file, or several members), a sequential decoder
-    continues from the same uncompressed offset, so a damaged stream yields exactly what a serial read
-    yields before raising."""
+    """The uncompressed stream as pieces, read by the parallel decoder. When it fails, or a gzip stream
+    ends with a size that differs from its trailer (a cut file, or several gzip members), a sequential
+    decoder reads the stream again from the start line by line and yields what follows the bytes
+    already yielded, so a damaged stream yields exactly the lines a serial line reader yields before
+    the damage, whatever the piece and chunk sizes. `exact=False` skips that re-read on a failure (the
+    caller only reports the failure) but never on a trailer mismatch, which may be a valid file."""
 
-    def __init__(self, path: Path, fmt: str, threads: int):
-        self.path, self.fmt, self.threads = path, fmt, threads
+    def __init__(self, path: Path, fmt: str, threads: int, piece: int = PIECE_BYTES, exact: bool = True):
+        self.path, self.fmt, self.threads, self.piece, self.exact = path, fmt, threads, piece, exact
         self.raw: _CountingFile | None = None
+        self.stream: Any = None
+        self.finished = False
+
+    def position(self) -> int:
+        """Compressed bytes consumed so far (the parallel libraries count in bits; they read the file
+        through its descriptor, so the counting file does not see their reads)."""
+        if self.finished:
+            return self.path.stat().st_size
+        reader = getattr(getattr(self.stream, "raw", None), "bz2reader", None) or self.stream
+        tell = getattr(reader, "tell_compressed", None)
+        if tell is not None:
+            try:
+                return int(tell()) // 8
+            except Exception:  # noqa: BLE001 - progress only
+                pass
+        return self.raw.high if self.raw is not None else 0
 
     def __iter__(self) -> Iterator[bytes]:
         done = 0
-        parallel = self.threads > 1 or decompressor(self.fmt, 1).startswith("indexed_bzip2")
-        if parallel:
-            try:
-                with open_stream(self.path, self.fmt, self.threads) as (stream, self.raw):
-                    while piece := stream.read(PIECE_BYTES):
-                        done += len(piece)
-                        yield piece
-                isize = _gzip_isize(self.path) if self.fmt == "gzip" else None
-                if isize is None or isize == done % (1 << 32):
-                    return
-                log.warning("%s: gzip trailer size differs from the %d bytes decoded in parallel (a cut file or "
-                            "several gzip members): reading on sequentially", self.path, done)
-            except Exception as exc:  # noqa: BLE001 - the sequential decoder decides what the damage is
-                log.warning("%s: parallel decoder failed after %d bytes (%s: %s); reading on sequentially",
-                            self.path, done, type(exc).__name__, str(exc)[:200])
+        try:
+            with open_stream(self.path, self.fmt, self.threads) as (self.stream, self.raw):
+                while piece := self.stream.read(self.piece):
+                    done += len(piece)
+                    yield piece
+            isize = _gzip_isize(self.path) if self.fmt == "gzip" and self.threads > 1 else None
+            if isize is None or isize == done % (1 << 32):
+                self.finished = True
+                return
+            log.warning("%s: gzip trailer size differs from the %d bytes decoded in parallel (a cut file or "
+                        "several gzip members): reading it again sequentially", self.path, done)
+        except Exception as exc:
+            if not self.exact:
+                raise
+            log.warning("%s: decoder failed after %d bytes (%s: %s); reading it again sequentially, line by line",
+                        self.path, done, type(exc).__name__, str(exc)[:200])
         with open_stream(self.path, self.fmt, 1, sequential=True) as (stream, self.raw):
-            skip = done
-            while skip:
-                got = stream.read(min(skip, CHUNK_BYTES))
-                if not got:
-                    return
-                skip -= len(got)
-            while piece := stream.read(PIECE_BYTES):
-                yield piece
+            self.stream = stream
+            pos = 0
+            for line in stream:
+                end = pos + len(line)
+                if end > done:
+                    yield line[max(0, done - pos):]
+                pos = end
+        self.finished = True
 
 
 def _compressed_chunks(path: Path, pieces: Iterator[bytes], chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
@@ -345,11 +364,13 @@ def _replay(items: list[tuple[int, bytes]], error: BaseException) -> Iterator[tu
 
 def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: Any, *, workers: int = 0,
                 chunk_bytes: int = CHUNK_BYTES, threads: int | None = None, fmt: str | None = None,
-                progress: Callable[[dict[str, Any]], None] | None = None, progress_interval: float = 10.0
-                ) -> Iterator[tuple[int, int, Any]]:
+                progress: Callable[[dict[str, Any]], None] | None = None, progress_interval: float = 10.0,
+                exact_salvage: bool = True) -> Iterator[tuple[int, int, Any]]:
     """(first line number, 1-based; byte offset of the chunk in the uncompressed stream; parse(chunk, params))
     for every chunk, in input order. `parse` must be a module-level function (it is sent to worker
-    processes by reference). workers=0: every available core; 1: in this process, no pool."""
+    processes by reference). workers=0: every available core; 1: in this process, no pool.
+    exact_salvage: a damaged compressed stream yields exactly the lines a serial reader keeps (re-read
+    sequentially from the start after a failure); False raises at the failure (when only the error matters)."""
     path = Path(path)
     fmt = fmt or detect_format(path)
     workers = workers or available_cores()
@@ -363,10 +384,8 @@ def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: An
         sources: Iterator[tuple[int | None, bytes | tuple[str, int, int]]] = (
             (None, (str(path), start, min(size, start + chunk_bytes))) for start in range(0, max(size, 1), chunk_bytes))
         n_sources = max(1, -(-size // chunk_bytes))
-        raw = None
     else:
         n_sources = 0  # unknown
-        raw = None
 
     def consume(result: tuple[int | None, int, int, Any], offset: int | None) -> tuple[int, int, Any]:
         nonlocal line, done_bytes
@@ -377,14 +396,14 @@ def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: An
         return out
 
     def report(final: bool = False) -> None:
-        read = raw.high if raw is not None else min(size, done_bytes)
-        prog.update(read, done_bytes, final)
+        read = source.position() if source is not None else min(size, done_bytes)
+        prog.update(size if final and source is None else read, done_bytes, final)
 
     chunks: Iterator[tuple[int, bytes]] = iter(())
     head: list[tuple[int, bytes]] = []
     source: _Pieces | None = None
     if fmt != "plain":
-        source = _Pieces(path, fmt, threads)
+        source = _Pieces(path, fmt, threads, min(PIECE_BYTES, chunk_bytes), exact_salvage)
         chunks = _compressed_chunks(path, source, chunk_bytes)
         if workers > 1:  # a stream of one chunk is parsed here: no pool to start
             try:
@@ -406,7 +425,6 @@ def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: An
                 report()
         else:
             for offset, chunk in chunks:
-                raw = source.raw if source is not None else None
                 yield consume(_work(parse, chunk, params), offset)
                 report()
         report(final=True)
@@ -426,7 +444,6 @@ def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: An
             else:
                 try:
                     for offset, chunk in itertools.chain(head, chunks):
-                        raw = source.raw if source is not None else None
                         pending.append((offset, ex.submit(_work, parse, chunk, params)))
                         while len(pending) >= window or (pending and pending[0][1].done()):
                             off, fut = pending.popleft()

@@ -404,7 +404,8 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
     try:
         try:
             for base, offset, res in read_chunks(path, parse_chunk, params, workers=workers,
-                                                 chunk_bytes=chunk_bytes, fmt=fmt, progress=progress):
+                                                 chunk_bytes=chunk_bytes, fmt=fmt, progress=progress,
+                                                 exact_salvage=cfg.allow_truncated):
                 for i, kind, at, detail, text in res["bad"]:
                     bad += 1
                     n = base + i
