@@ -334,3 +334,14 @@ def test_unknown_config_key_is_an_error():
 
     with pytest.raises(ConfigError, match="characters.topn"):
         load_config(data={"characters": {"topn": 3}})
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_wikidata_format_by_magic_bytes_and_any_worker_count(tmp_path, characters_config, workers):
+    want = collect_characters(characters_config(".json"))
+    cfg = characters_config(".json.gz", read_workers=workers)
+    disguised = tmp_path / "looks-like.json.bz2"  # gzip bytes under a .bz2 name
+    disguised.write_bytes(Path(cfg.wikidata_dump).read_bytes())
+    got = collect_characters(cfg.model_copy(update={"wikidata_dump": str(disguised)}))
+    assert [r.model_dump() for r in got[0]] == [r.model_dump() for r in want[0]]
+    assert reasons(got[1]) == reasons(want[1])
