@@ -3,7 +3,7 @@
 Only the flow process opens it (DuckDB allows one writer process, and a reader process would block
 the writer); while open it also holds an flock on <home>/catalog.lock, which readers probe (without
 blocking anyone) to tell a live run from one whose process died. After each change the writer
-refreshes a Parquet snapshot under <home>/snapshot/, partitioned by run (`<table>/run=<id>.parquet`):
+refreshes a Parquet snapshot under <home>/snapshot/, partitioned by run (`<table>/run_id=<id>/data.parquet`):
 only the partitions a change touched are rewritten, so registering a shard costs the same after a
 year of nightlies as on the first night. Every reader (CLI, dashboard, export) reads the snapshot
 instead of catalog.duckdb: see storage/reader.py.
@@ -15,6 +15,7 @@ creation never leaves a catalog without tables. A new catalog is seeded from an 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
 import duckdb
 
@@ -32,7 +32,7 @@ from storage.shards import _fsync_dir, file_sha256, shard_is_whole, write_table
 
 SNAPSHOT_DIR = "snapshot"
 LAYOUT_FILE = "_layout.json"  # written once the snapshot is complete in the partitioned layout
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # 3: hive folders run_id=<id>/ (readers prune partitions by path)
 LOCK_FILE = "catalog.lock"
 CATALOG_FILE = "catalog.duckdb"
 TABLES = ("runs", "shards", "stage_stats", "models", "evaluations", "source_snapshots", "source_pins")
@@ -132,25 +132,52 @@ def catalog_held(home: str | Path) -> bool:
         os.close(fd)
 
 
-def partition_name(key: str | None) -> str:
-    return "_null.parquet" if key is None else f"run={quote(key, safe='')}.parquet"
+def partition_path(table_dir: Path, key: str | None) -> Path:
+    """A valid run id's partition is a hive folder (readers skip the others by path, unopened); a NULL or
+    (from older versions) unusual id gets a flat file."""
+    from storage.layout import is_valid_run_id
+
+    if key is not None and is_valid_run_id(key):
+        return table_dir / f"run_id={key}" / "data.parquet"
+    if key is None:
+        return table_dir / "_null.parquet"
+    return table_dir / f"id-{hashlib.sha1(key.encode()).hexdigest()}.parquet"
 
 
-def partition_key(name: str) -> str | None:
-    if name == "_null.parquet":
-        return None
-    return unquote(name[len("run="):-len(".parquet")])
+def _layout_version(snap: Path) -> int:
+    try:
+        return int(json.loads((snap / LAYOUT_FILE).read_text()).get("version", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
-def snapshot_files(home: str | Path, table: str) -> list[Path]:
-    """The snapshot files of a table: the partitions of the current layout, or the single file of the
-    layout before it (<table>.parquet) when the current layout was never completed."""
+def snapshot_files(home: str | Path, table: str) -> tuple[list[Path], list[Path]]:
+    """(hive partition files, flat files) of a table's snapshot. Without a complete current layout, the
+    single file of the first layout (<table>.parquet) is the flat file."""
     snap = Path(home) / SNAPSHOT_DIR
     if (snap / LAYOUT_FILE).exists():
         d = snap / table
-        return sorted(p for p in d.glob("*.parquet")) if d.is_dir() else []
+        if not d.is_dir():
+            return [], []
+        if _layout_version(snap) < LAYOUT_VERSION:  # flat run=<id>.parquet files (layout 2)
+            return [], sorted(d.glob("*.parquet"))
+        return sorted(d.glob("run_id=*/data.parquet")), sorted(d.glob("*.parquet"))
     legacy = snap / f"{table}.parquet"
-    return [legacy] if legacy.exists() else []
+    return [], ([legacy] if legacy.exists() else [])
+
+
+def read_snapshot_sql(hive: list[Path], flat: list[Path]) -> list[str]:
+    """read_parquet(...) expressions over a table's snapshot files."""
+    def lst(files: list[Path]) -> str:
+        return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+
+    out = []
+    if hive:
+        out.append(f"read_parquet({lst(hive)}, hive_partitioning=true, hive_types={{'run_id': VARCHAR}}, "
+                   f"union_by_name=true)")
+    if flat:
+        out.append(f"read_parquet({lst(flat)}, hive_partitioning=false, union_by_name=true)")
+    return out
 
 
 def snapshot_exists(home: str | Path) -> bool:
@@ -233,7 +260,7 @@ class Catalog:
             if schemaless:  # a catalog file an earlier version created but was killed before its tables
                 self._seed(self._con)
             self._partitioned = {t: "run_id" in _table_columns(self._con, t) for t in TABLES}
-            if not (self.home / SNAPSHOT_DIR / LAYOUT_FILE).exists():
+            if _layout_version(self.home / SNAPSHOT_DIR) < LAYOUT_VERSION:
                 self._write_full_snapshot(self._con)
         except BaseException:
             self._release()
@@ -266,7 +293,7 @@ class Catalog:
                 self._prepare(con)
                 self._seed(con)
                 self._partitioned = {t: "run_id" in _table_columns(con, t) for t in TABLES}
-                if not (self.home / SNAPSHOT_DIR / LAYOUT_FILE).exists():
+                if _layout_version(self.home / SNAPSHOT_DIR) < LAYOUT_VERSION:
                     self._write_full_snapshot(con)
                 con.execute("CHECKPOINT")
             finally:
@@ -289,17 +316,15 @@ class Catalog:
         """Load an existing snapshot into a new catalog (a catalog lost or moved aside is rebuilt from it)."""
         n = 0
         for table in TABLES:
-            files = snapshot_files(self.home, table)
-            if not files:
+            sources = read_snapshot_sql(*snapshot_files(self.home, table))
+            if not sources:
                 continue
             cols = _table_columns(con, table)
-            have = [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?, union_by_name=true)",
-                                              [[str(f) for f in files]]).fetchall()]
-            use = [c for c in cols if c in have]
-            names = ", ".join(f'"{c}"' for c in use)
             con.execute(f"DELETE FROM {table}")
-            con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM read_parquet(?, union_by_name=true)",
-                        [[str(f) for f in files]])
+            for src in sources:
+                have = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()]
+                names = ", ".join(f'"{c}"' for c in cols if c in have)
+                con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {src}")
             n += con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         self._migrate_paths(con)
         return n
@@ -668,7 +693,7 @@ class Catalog:
                 t = con.sql(f"SELECT * FROM {table} WHERE run_id IS NULL").to_arrow_table()
             else:
                 t = con.sql(f"SELECT * FROM {table} WHERE run_id = ?", params=[key]).to_arrow_table()
-            write_table(t, out / partition_name(key))
+            write_table(t, partition_path(out, key))
 
     def _write_full_snapshot(self, con: Any) -> None:
         """Every table in the partitioned layout, then the layout marker, then the old single files go."""
@@ -682,6 +707,8 @@ class Catalog:
         _fsync_dir(snap)
         for table in TABLES:
             (snap / f"{table}.parquet").unlink(missing_ok=True)
+            for old in (snap / table).glob("run=*.parquet"):  # layout 2
+                old.unlink(missing_ok=True)
 
     def restore_from_snapshot(self) -> int:
         """Replace the catalog's rows with the snapshot's (`ditto repair`). Returns the rows loaded."""

@@ -22,6 +22,7 @@ from storage.catalog import (
     TABLES,
     CatalogError,
     catalog_held,
+    read_snapshot_sql,
     snapshot_exists,
     snapshot_files,
 )
@@ -69,11 +70,9 @@ class CatalogReader:
         self.con.execute("USE memory.main")
         home = str(self.home)
         for table in TABLES:
-            files = [str(f) for f in snapshot_files(self.home, table)]
             body = f"SELECT * FROM empty.{table}"
-            if files:
-                flist = "[" + ", ".join(_lit(f) for f in files) + "]"
-                body += f" UNION ALL BY NAME SELECT * FROM read_parquet({flist}, union_by_name=true)"
+            for src in read_snapshot_sql(*snapshot_files(self.home, table)):
+                body += f" UNION ALL BY NAME SELECT * FROM {src}"
             replace = [f"{self._abs_sql(c, home, table == 'shards')} AS {c}" for c in PATH_COLUMNS.get(table, ())]
             if table == "runs" and not self.live:
                 replace.append("CASE WHEN status = 'running' THEN 'interrupted' ELSE status END AS status")

@@ -299,7 +299,7 @@ def test_snapshot_rewrites_only_the_partitions_that_changed(tmp_path):
         for run in ("a", "b"):
             cat.start_run(run, "d", {}, "h", "v")
             _register(cat, tmp_path, run)
-        part_a = tmp_path / SNAPSHOT_DIR / "shards" / "run=a.parquet"
+        part_a = tmp_path / SNAPSHOT_DIR / "shards" / "run_id=a" / "data.parquet"
         before = part_a.stat()
         _register(cat, tmp_path, "b", shard=1)
         cat.mark_failed("b", "queries", 2, "hx", "Boom")
