@@ -233,7 +233,7 @@ def changes_lines(ch: dict[str, Any]) -> list[str]:
     for name, s in ch["stages"].items():
         gen = f", generations {s['cached']} cached / {s['new']} new" if s["requests"] or s["cached"] else ""
         tok = s["prompt_tokens"] + s["completion_tokens"]
-        lines.append(f"  {name}: {s['rebuilt']} shards rebuilt, {s['reused']} reused"
+        lines.append(f"  {name} shards: {s['rebuilt']} rebuilt, {s['reused']} reused"
                      + (f", {s['failed']} failed" if s["failed"] else "") + gen + (f", {tok} tokens" if tok else ""))
     lines.append(f"  tokens spent: {ch['tokens']}; generations {ch['generations']['cached']} cached, "
                  f"{ch['generations']['new']} new")

@@ -210,5 +210,5 @@ def test_changes_markdown_and_show_lines_report_characters_shards_generations_an
     assert lines[0] == "what changed since r1:"
     assert "  characters: 1 added, 2 changed, 0 removed, 7 unchanged" in lines
     assert "    changed: Q1@en, Q2@zh" in lines
-    assert "  queries: 1 shards rebuilt, 3 reused, generations 10 cached / 5 new, 1234 tokens" in lines
+    assert "  queries shards: 1 rebuilt, 3 reused, generations 10 cached / 5 new, 1234 tokens" in lines
     assert changes_lines({**ch, "previous_run": None, "characters": None})[0].startswith("what changed: no earlier")
