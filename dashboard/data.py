@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from flows.stages import STAGE_ORDER
 from models.base import table_rows
-from storage.catalog import now, snapshot_files
+from storage.catalog import SNAPSHOT_DIR, now
 from storage.reader import CatalogReader
 
 logger = logging.getLogger("ditto.dashboard")
@@ -110,16 +110,15 @@ class DashboardData:
         return CatalogReader(self.home)
 
     def _snapshot_state(self) -> tuple:
-        """(name, size, mtime) of the snapshot files of `runs` and `shards`: changes whenever the flow
-        registers something, and costs a directory listing, not a catalog read."""
+        """(file, size, mtime) of every snapshot file: changes whenever the flow registers something, and
+        costs a directory walk, not a catalog read."""
         out = []
-        for table in ("runs", "shards"):
-            for f in snapshot_files(self.home, table):
-                try:
-                    st = f.stat()
-                except OSError:
-                    continue
-                out.append((f.name, st.st_size, st.st_mtime_ns))
+        for f in sorted((self.home / SNAPSHOT_DIR).rglob("*.parquet")):
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((str(f), st.st_size, st.st_mtime_ns))
         return tuple(out)
 
     def _cached(self, key: tuple, make: Callable[[], Any]) -> Any:

@@ -373,3 +373,24 @@ def test_unknown_character_in_a_reject_filter_is_404(id_home):
     with TestClient(create_app(home), raise_server_exceptions=False) as c:
         assert c.get(f"/api/runs/{run}/rejects", params={"character": "nobody@en"}).status_code == 404
         assert c.get(f"/api/runs/{run}/characters/" + "x" * 3000).status_code == 400
+
+
+def test_a_character_registered_after_a_request_is_found(tmp_path):
+    """The dashboard's per-run caches follow the snapshot: a shard the flow registers later is seen."""
+    from models.base import to_table
+    from models.records import Character
+    from storage.shards import shard_path, write_table
+
+    home = tmp_path / "home"
+    run = _build_home_with_ids(home, ["first"])
+    with TestClient(create_app(home), raise_server_exceptions=False) as c:
+        assert c.get(f"/api/runs/{run}/characters/first@en").status_code == 200
+        assert c.get(f"/api/runs/{run}/characters/later@en").status_code == 404
+        with Catalog(home) as cat:
+            path = shard_path(home, run, "characters", "char0001", 1)
+            rows = [Character(id="later", label="Later", category="real", language="en", source="jsonl")]
+            size = write_table(to_table(rows, Character), path)
+            cat.mark_done(run, "characters", 1, "char0001", rows=1, path=str(path), bytes_=size, rejects_path=None,
+                          rejected_rows=0, stats={"rows_in": 1, "rows_out": 1})
+        r = c.get(f"/api/runs/{run}/characters/later@en")
+        assert r.status_code == 200 and r.json()["label"] == "Later"
