@@ -9,10 +9,12 @@ Reported per format: MB/s of JSON and entities/s of the stage (first run: one pa
 reads the dump; second run: a new run over the unchanged dump, served by the source snapshot), the
 ratio to the parallel decompressor alone (target >= 0.8), second/first (target < 5%), peak memory of
 the reading process and of its largest worker, and the projected hours for the full dump (1.4 TB of
-JSON, 110M entities) on 2, 16 and 64 cores. Projection: the CPU seconds per byte measured here
-(decompression threads + workers + the reading thread) spread over the cores, bounded below by the
-reading thread's own CPU per byte (the part that does not spread); it assumes the decompressor
-scales with cores, which indexed_bzip2 and rapidgzip report up to tens of cores.
+JSON, 110M entities) on 2, 16 and 64 cores. Projection: CPU seconds per byte of the decompressor
+alone (its threads included) plus CPU seconds per byte of the workers' parse measured alone in one
+process (no start-up, robust to other load on the machine), spread over the cores: it assumes both
+scale with cores (the parse is independent per chunk; indexed_bzip2 and rapidgzip report scaling to
+tens of cores) and that the reading thread keeps up (its CPU is reported: joining pieces, merging
+the pools, writing label rows).
 Every measurement runs in its own process (peak memory per measurement).
 """
 
@@ -140,12 +142,32 @@ def child_decompress(path: str, threads: int) -> dict:
     from tasks.sources.dump import decompressor, detect_format, open_stream
 
     fmt = detect_format(path)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     with open_stream(path, fmt, threads) as (stream, _):
         while block := stream.read(4 << 20):
             n += len(block)
-    return {"seconds": time.perf_counter() - t0, "json_bytes": n, "library": decompressor(fmt, threads), **_peak()}
+    return {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "json_bytes": n,
+            "library": decompressor(fmt, threads), **_peak()}
+
+
+def child_parse(path: str) -> dict:
+    """CPU seconds of the workers' job alone (prefilter + parse of 16 MiB chunks), in one process: what
+    the parse costs per byte independent of start-up and of other load on the machine."""
+    from tasks.sources.dump import CHUNK_BYTES, read_range
+    from tasks.sources.wikidata import parse_chunk
+
+    params = {"languages": ["en", "zh"], "categories": ["real", "fictional"]}
+    size = Path(path).stat().st_size
+    cpu = 0.0
+    people = 0
+    for start in range(0, size, CHUNK_BYTES):
+        _, data = read_range(path, start, start + CHUNK_BYTES)
+        c0 = time.process_time()
+        out = parse_chunk(data, params)
+        cpu += time.process_time() - c0
+        people += len(out["cands"]) + len(out["unlabeled"])
+    return {"cpu_s": cpu, "json_bytes": size, "people": people}
 
 
 def child_stage(path: str, workers: int, home: str, known_file: str | None) -> dict:
@@ -195,8 +217,12 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         kind, *rest = a.child
-        res = child_decompress(rest[0], int(rest[1])) if kind == "decompress" else child_stage(
-            rest[0], int(rest[1]), rest[2], rest[3] if len(rest) > 3 and rest[3] != "-" else None)
+        if kind == "decompress":
+            res = child_decompress(rest[0], int(rest[1]))
+        elif kind == "parse":
+            res = child_parse(rest[0])
+        else:
+            res = child_stage(rest[0], int(rest[1]), rest[2], rest[3] if len(rest) > 3 and rest[3] != "-" else None)
         print(json.dumps(res))
         return
 
@@ -211,6 +237,11 @@ def main() -> None:
     print(f"synthetic dump: {json_bytes / 1e6:.0f} MB of JSON, {entities} entities "
           f"({json_bytes / entities / 1e3:.1f} KB each), files {meta['files']}; {cores} cores, load {load:.1f}")
     results = {"meta": meta, "cores": cores, "load_before": load, "formats": {}}
+    parse = _child(["parse", str(d / "latest-all.json")])
+    parse_cpu_per_byte = parse["cpu_s"] / parse["json_bytes"]
+    results["parse"] = parse
+    print(f"parse alone (prefilter + JSON of the people + labels of all): {parse['cpu_s']:.2f} CPU s = "
+          f"{parse['json_bytes'] / parse['cpu_s'] / 1e6:.0f} MB/s per core, {parse['people']} people")
     cli = {"bz2": ["bzcat"], "gz": ["zcat"], "json": ["cat"]}
     for fmt in formats:
         path = d / ("latest-all.json" if fmt == "json" else f"latest-all.json.{fmt}")
@@ -234,8 +265,9 @@ def main() -> None:
         r["second_over_first"] = r["second"]["seconds"] / first
         cpu = r["first"]["process_cpu_s"] + r["first"]["workers_cpu_s"]
         serial = r["first"]["reading_thread_cpu_s"]
-        r["projected_hours"] = {str(c): round(max(FULL_JSON_BYTES / json_bytes * cpu / c,
-                                                  FULL_JSON_BYTES / json_bytes * serial) / 3600, 2)
+        decomp_per_byte = r["library"]["cpu_s"] / json_bytes if fmt != "json" else 0.0
+        r["cpu_per_mb"] = {"decompress": decomp_per_byte * 1e6, "parse": parse_cpu_per_byte * 1e6}
+        r["projected_hours"] = {str(c): round(FULL_JSON_BYTES * (decomp_per_byte + parse_cpu_per_byte) / c / 3600, 2)
                                 for c in (2, 16, 64)}
         results["formats"][fmt] = r
         lib = f"{r['library']['library']} alone {json_bytes / r['library']['seconds'] / 1e6:.1f} MB/s" \
@@ -250,7 +282,9 @@ def main() -> None:
         print(f"  second run (unchanged dump): {r['second']['seconds']:.2f} s = "
               f"{100 * r['second_over_first']:.1f}% of the first (target < 5%), "
               f"new snapshots {r['second']['new_snapshots']}")
-        print(f"  CPU: {cpu:.1f} s total, reading thread {serial:.1f} s; projected full dump (1.4 TB JSON): " +
+        print(f"  CPU of the stage: {cpu:.1f} s (workers' start-up included), reading thread {serial:.1f} s; "
+              f"per MB of JSON: decompress {r['cpu_per_mb']['decompress'] * 1e3:.1f} ms + parse "
+              f"{r['cpu_per_mb']['parse'] * 1e3:.1f} ms; projected full dump (1.4 TB JSON): " +
               ", ".join(f"{c} cores {h} h" for c, h in r["projected_hours"].items()))
     results["load_after"] = os.getloadavg()[0]
     if a.json:

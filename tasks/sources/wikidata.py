@@ -1,5 +1,5 @@
 """Characters from a Wikidata JSON dump (the official entity format: a JSON array, one entity per
-line, each line but the last ending with a comma; .json, .json.gz or .json.bz2), streamed.
+line, each line but the last ending with a comma; plain, gzip or bzip2), read in parallel.
 
 Selection: P31 (instance of, non-deprecated) in {Q5 human -> real, Q15632617 fictional human,
 Q95074 fictional character -> fictional}; Q5 wins if both appear. One candidate per configured
@@ -11,17 +11,26 @@ popularity = number of sitelinks. While streaming, the `top_n * pool_factor` mos
 candidates per language are kept (bounded memory on the full dump); articles are then joined
 through the `<lang>wiki` sitelink titles and `select` walks the ranking.
 
-Passes: (1) persons and property labels; (2) only when claims reference items/units whose labels
-are unknown, a second stream collecting just those labels; then the Wikipedia files.
-Only lines that can matter are parsed (a byte prefilter on the class ids, then on the entity id).
+One pass, on every core (tasks/sources/dump.py splits the dump; `parse_chunk` runs in the workers):
+a line that mentions Q5/Q15632617/Q95074 or is a property is parsed in full; every other line only
+yields its id and labels (the labels object decoded alone, not the claims) into an on-disk label
+table (configured languages + en); after the pass the labels the pools' claims reference are read
+back from it. Then the Wikipedia files. The format is told by the magic bytes (a gzip file named
+.bz2 is read as gzip). Memory at full scale (~110M entities, ~12M people): the reading process
+holds (workers + 2) x 16 MiB chunks in flight, the per-language pools (top_n * pool_factor compact
+candidates each) and the decoder's buffers; each worker one chunk and its result: ~0.3 GB on 2
+cores, ~8 GB on 64. The label table (~165M rows for en+zh, ~3-4 GB of zstd Parquet) lives under
+<home>/sources/tmp during the pass. With a snapshot store (the flow) the pass's result is kept as
+the dump's snapshot (tasks/sources/dump_snapshot.py) and an unchanged dump is not read again.
 
 Claims are "property: value; value" lines (property and item labels in the character's language,
 else English, else the id); datavalue types rendered: wikibase-entityid, time (by precision,
 BCE for negative years), quantity (with its unit), string and monolingualtext. External ids,
 media and urls are skipped; at most `max_claims` lines.
 
-Bad inputs: a malformed JSON line or a line that is not UTF-8 -> rejection (`malformed` /
-`encoding`) naming the file, line (and byte offset) and the read goes on; if no entity at all
+Bad inputs: a malformed JSON line or a line that is not UTF-8, among the lines parsed in full ->
+rejection (`malformed` / `encoding`) naming the file, line (and byte offset) and the read goes on
+(any other unreadable line can only have been a label source: counted as `unreadable_lines`); if no entity at all
 could be read and lines were bad -> InputFormatError. A compressed stream that ends early ->
 TruncatedInputError naming the file, the last line read and the entities read so far; with
 `allow_truncated` those are kept and a `truncated` rejection is recorded. A plain .json without
