@@ -173,8 +173,9 @@ def read_snapshot_sql(hive: list[Path], flat: list[Path]) -> list[str]:
 
     out = []
     if hive:
-        out.append(f"read_parquet({lst(hive)}, hive_partitioning=true, hive_types={{'run_id': VARCHAR}}, "
-                   f"union_by_name=true)")
+        # one schema in every partition file (the writer rewrites them all when a column is added): no
+        # union_by_name, so a query opens only the files its run_id filter keeps, not every footer
+        out.append(f"read_parquet({lst(hive)}, hive_partitioning=true, hive_types={{'run_id': VARCHAR}})")
     if flat:
         out.append(f"read_parquet({lst(flat)}, hive_partitioning=false, union_by_name=true)")
     return out
@@ -260,7 +261,7 @@ class Catalog:
             if schemaless:  # a catalog file an earlier version created but was killed before its tables
                 self._seed(self._con)
             self._partitioned = {t: "run_id" in _table_columns(self._con, t) for t in TABLES}
-            if _layout_version(self.home / SNAPSHOT_DIR) < LAYOUT_VERSION:
+            if not self._snapshot_current(self._con):
                 self._write_full_snapshot(self._con)
         except BaseException:
             self._release()
@@ -293,7 +294,7 @@ class Catalog:
                 self._prepare(con)
                 self._seed(con)
                 self._partitioned = {t: "run_id" in _table_columns(con, t) for t in TABLES}
-                if _layout_version(self.home / SNAPSHOT_DIR) < LAYOUT_VERSION:
+                if not self._snapshot_current(con):
                     self._write_full_snapshot(con)
                 con.execute("CHECKPOINT")
             finally:
@@ -695,6 +696,18 @@ class Catalog:
                 t = con.sql(f"SELECT * FROM {table} WHERE run_id = ?", params=[key]).to_arrow_table()
             write_table(t, partition_path(out, key))
 
+    def _snapshot_current(self, con: Any) -> bool:
+        """The snapshot is in the current layout with the tables' current columns: every partition file of a
+        table has one schema (readers need not reconcile them), so a new column rewrites it once."""
+        snap = self.home / SNAPSHOT_DIR
+        if _layout_version(snap) < LAYOUT_VERSION:
+            return False
+        try:
+            recorded = json.loads((snap / LAYOUT_FILE).read_text()).get("columns")
+        except (OSError, ValueError):
+            return False
+        return recorded == {t: _table_columns(con, t) for t in TABLES}
+
     def _write_full_snapshot(self, con: Any) -> None:
         """Every table in the partitioned layout, then the layout marker, then the old single files go."""
         snap = self.home / SNAPSHOT_DIR
@@ -702,7 +715,8 @@ class Catalog:
         for table in TABLES:
             self._export(con, table, ALL)
         tmp = snap / f".tmp-{LAYOUT_FILE}"
-        tmp.write_text(json.dumps({"version": LAYOUT_VERSION, "partitioned_by": "run_id"}))
+        tmp.write_text(json.dumps({"version": LAYOUT_VERSION, "partitioned_by": "run_id",
+                                   "columns": {t: _table_columns(con, t) for t in TABLES}}))
         os.replace(tmp, snap / LAYOUT_FILE)
         _fsync_dir(snap)
         for table in TABLES:

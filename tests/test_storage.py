@@ -426,3 +426,15 @@ def test_two_catalogs_in_one_process_share_the_writer_lock(tmp_path):
     assert catalog_held(tmp_path)  # still held by the first
     first.close()
     assert not catalog_held(tmp_path)
+
+
+def test_a_new_column_rewrites_every_partition_once_so_readers_see_one_schema(tmp_path):
+    with Catalog(tmp_path) as cat:
+        for run in ("a", "b"):
+            cat.start_run(run, "d", {}, "h", "v")
+        cat._con.execute("ALTER TABLE runs ADD COLUMN note VARCHAR")  # as a later version's MIGRATIONS would
+        cat._con.execute("UPDATE runs SET note = 'x' WHERE run_id = 'b'")
+    with Catalog(tmp_path):
+        pass  # opening sees the columns changed and writes every partition again
+    with CatalogReader(tmp_path) as rd:
+        assert {r["run_id"]: r["note"] for r in rd.query("SELECT run_id, note FROM runs")} == {"a": None, "b": "x"}
