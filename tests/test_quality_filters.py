@@ -226,3 +226,16 @@ def test_devset_rules_keep(tmp_path, cid, answer):
     out = FilterStage().run(stage_context(filter_config(), tmp_path),
                             {"responses": [make_turn(cid, answer)], "characters": CHARACTERS})
     assert out.stats.rows_out == 1, out.rejects
+
+
+@pytest.mark.parametrize("answer", [
+    # kept by the chain before these patterns, in a run of the bundled 135M model on the demo config
+    "I'm sorry, but I can't assist with my browser's ability to translate. I'll be happy to help.",
+    "I'm not programmed to decide my story's tone just yet, so I pick something that fits.",
+    "It seems like you're referring to my work, but I'm afraid I'm unable to provide direct links to it.",
+    "Instead of that, here's a revised version with different wording: I am going to meet someone.",
+])
+def test_assistant_register_of_the_bundled_model_is_dropped(tmp_path, answer):
+    out = FilterStage().run(stage_context(filter_config(), tmp_path),
+                            {"responses": [make_turn("Q517@en", answer)], "characters": CHARACTERS})
+    assert out.stats.rows_out == 0 and set(out.stats.dropped) <= {"out_of_role", "meta_talk"}, out.rejects

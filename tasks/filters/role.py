@@ -41,6 +41,9 @@ ASSISTANT_EN = [
     # the register a small generator slips into (seen in 23% of a 135M model's kept turns before these)
     r"\b(?:happy|glad|here) to assist\b|\bassist you (?:further|with)\b",
     r"\bsorry for (?:the|any) (?:confusion|misunderstanding)\b",
+    r"\b(?:i'm|i am) not programmed\b|\bprogrammed to\b|\b(?:can't|cannot|can not|unable to) (?:assist|fulfill)\b|"
+    r"\bunable to provide\b|\bhappy to help\b|\bmy (?:services?|browser|capabilities)\b|"
+    r"\bprovide me with (?:the|more|some)\b|\bcontinue providing\b",
     r"\b(?:i'm|i am) glad you(?:'re| are) interested\b|\bglad you asked\b|\bthank you for (?:your|the) question\b",
     r"\b(?:that's|that is|what|this is) an? (?:very |really )?(?:good|great|valid|excellent|interesting) question\b|"
     r"^\W*(?:great|good|excellent) question\b",
@@ -86,8 +89,8 @@ META_TALK_EN = [
     r"(?:^|\n)\s*(?:\*\*)?(?:directions|interactions|instructions|guidelines|rules|steps|notes?|examples?|output|"
     r"response|answer|question|reason|character [ab])\s*(?:\d+\s*)?(?:\*\*)?\s*:",
     r"\bcharacter [ab]\b|\b(?:role|person) [ab]\b",
-    r"\bhere(?:'s| is| are) (?:a|an|the|my|some|your) (?:response|answer|reply|list|summary|example|version|"
-    r"breakdown|overview|rewrite|draft)\b|\bi hope this (?:helps|answers|clarifies)\b|\bfeel free to (?:ask|reach)\b|"
+    r"\bhere(?:'s| is| are) (?:a|an|the|my|some|your) (?:[a-z]+ )?(?:response|answer|reply|list|summary|example|version|"
+    r"breakdown|overview|rewrite|draft)\b|\bi hope this (?:helps|answers|clarifies)\b|\bfeel free to (?:ask|reach|share|let|provide)\b|"
     r"\blet me know if\b|\bif you have any (?:other|more|further) questions\b|\bis there anything else\b",
     r"\b(?:in|for) (?:this|the|my) (?:response|answer|reply|scenario|exercise|task|dialogue|conversation)\b",
     r"\bthe question (?:asks|is asking|requires|wants|was)\b|\b(?:answer|respond to) (?:the|this|your) question\b",
