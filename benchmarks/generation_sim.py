@@ -223,10 +223,13 @@ def split(items: list, k: int) -> list[list]:
     return [items[i::k] for i in range(k)]
 
 
+WORKERS = 0  # shard tasks in flight (the flow's runner.max_workers); 0: every shard at once
+
+
 def run_pipeline(engine, chats, sp, parse, rounds, shards) -> None:
     from tasks.generation import generate_parsed
 
-    with ThreadPoolExecutor(shards) as pool:
+    with ThreadPoolExecutor(WORKERS or shards) as pool:
         list(pool.map(lambda part: generate_parsed(engine, part, sp, parse, rounds=rounds), split(chats, shards)))
 
 
@@ -250,7 +253,7 @@ def run_old(engine, chats, sp, parse, rounds, shards) -> None:
             pending = still
 
     try:
-        with ThreadPoolExecutor(shards) as pool:
+        with ThreadPoolExecutor(WORKERS or shards) as pool:
             list(pool.map(shard, split(chats, shards)))
     finally:
         co.close()
@@ -292,11 +295,16 @@ def main() -> None:
     ap.add_argument("--prefill-ms", type=float, default=10.0, help="ms per 1,000 prompt tokens")
     ap.add_argument("--requests", type=int, default=768, help="requests per workload")
     ap.add_argument("--workloads", default="queries,responses,judge")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="shard tasks in flight (runner.max_workers); 0: every shard at once")
     args = ap.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     options = {"slots": args.slots, "t0_ms": args.t0_ms, "k_ms": args.k_ms, "prefill_ms_per_1k": args.prefill_ms,
                "scale": args.scale, "lengths": args.lengths}
     print(f"S={args.slots} t0={args.t0_ms} ms k={args.k_ms} ms prefill={args.prefill_ms} ms/1k tokens, "
-          f"lengths={args.lengths}, {args.requests} requests per workload, scale {args.scale}")
+          f"lengths={args.lengths}, {args.requests} requests per workload, scale {args.scale}, "
+          f"shard tasks in flight: {args.workers or 'all'}")
     print(f"{'workload':<10} {'shards':>6} {'requests':>8} {'tokens':>8} {'at once s':>9} {'pipe s':>8} "
           f"{'pipeline':>8} {'old':>6}")
     ratios = []
