@@ -37,8 +37,6 @@ from tasks.filters.role import (
 )
 from tasks.sessions import assemble_sessions
 
-VERSION = 3  # bump when a filter's logic changes: enters the shard hash
-
 
 def character_key(c: dict) -> str:
     return f"{c['id']}@{c['language']}"
@@ -92,7 +90,7 @@ class FilterStage(Stage):
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         fc = config.filter
-        fp: dict[str, Any] = {"version": VERSION, "filter": fc.model_dump(mode="json", exclude={"dedup", "questions"}),
+        fp: dict[str, Any] = {"filter": fc.model_dump(mode="json", exclude={"dedup", "questions"}),
                               "sessions": config.sessions.model_dump(mode="json")}
         if fc.enabled and fc.judge.enabled:
             ecfg = judge_engine_config(fc.judge, config.engine)
