@@ -6,6 +6,8 @@ import pytest
 # Prefect state of the test session lives in a throw-away folder (ephemeral API, SQLite).
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ditto-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# a loaded machine can take minutes to start the ephemeral server; the default 20 s fails such runs
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.pop("PREFECT_API_URL", None)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
