@@ -383,9 +383,21 @@ def engine_class(kind: str) -> type[Engine]:
     return getattr(importlib.import_module(module), cls)
 
 
+def engine_key(config: EngineConfig) -> str:
+    """Which loaded engine serves a config: everything but `cache` (the generation cache sits in front of the
+    engine, per home, so configs that differ only there share one loaded model)."""
+    return content_hash(config.model_dump(mode="json", exclude={"cache"}))
+
+
+def loaded_engine(config: EngineConfig) -> Any | None:
+    """The engine already loaded for this config, or None; never loads one (and never waits for a load in
+    progress: no lock, a dict read is atomic)."""
+    return _loaded.get(engine_key(config))
+
+
 def get_engine(config: EngineConfig) -> Any:
     """The process-wide engine for this config, loaded on first use."""
-    key = content_hash(config.model_dump(mode="json"))
+    key = engine_key(config)
     with _lock:
         if key not in _loaded:
             faults = None
@@ -408,7 +420,7 @@ def get_engine(config: EngineConfig) -> Any:
 
 def release_engine(config: EngineConfig) -> None:
     """Close and forget the engine loaded for this config (frees its memory before loading another)."""
-    key = content_hash(config.model_dump(mode="json"))
+    key = engine_key(config)
     with _lock:
         engine = _loaded.pop(key, None)
     if engine is not None:

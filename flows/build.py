@@ -268,9 +268,9 @@ def run_engine_configs(cfg: RunConfig, names: list[str]) -> list[EngineConfig]:
 
 def _loaded_engine(config: EngineConfig) -> Any:
     """The engine already loaded in this process for this config, without loading it."""
-    from engines import base
+    from engines.base import loaded_engine
 
-    return base._loaded.get(content_hash(config.model_dump(mode="json")))
+    return loaded_engine(config)
 
 
 class EngineWatch:
@@ -745,7 +745,10 @@ def rerun(run_id: str, home: str | Path | None = None) -> dict[str, Any]:
         run = rd.run(run_id)
     if run is None:
         raise ConfigError(f"no run {run_id!r} in {h}")
-    return run_build(config=json.loads(run["config"]), run_id=run_id, home=h, until=run["until"], resume=True)
+    from models.config import migrate_stored_config
+
+    config = migrate_stored_config(json.loads(run["config"]))  # a run made before a key moved still reruns
+    return run_build(config=config, run_id=run_id, home=h, until=run["until"], resume=True)
 
 
 __all__ = ["ChainError", "RunFailed", "build", "build_dataset", "execute_shard", "rerun", "resolve_home", "run_build"]
