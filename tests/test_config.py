@@ -180,3 +180,17 @@ def test_numbers_in_yaml_are_read_as_users_write_them(tmp_path):
 def test_a_stored_config_loads_back_unchanged():
     cfg = load_config(overrides=["characters.top_n=3", "filter.length.default.max=399", "train.learning_rate=5e-5"])
     assert load_config(data=cfg.model_dump(mode="json")) == cfg
+
+
+def test_a_stored_config_with_keys_an_earlier_release_wrote_still_loads_for_rerun():
+    from models.config import RunConfig, migrate_stored_config
+
+    stored = RunConfig().model_dump(mode="json")
+    stored["filter"]["out_of_role"]["third_person"] = False
+    stored["filter"]["out_of_role"]["other_names"] = True
+    stored["filter"].pop("first_person")
+    with pytest.raises(ConfigError, match="third_person"):
+        load_config(data=stored)
+    cfg = load_config(data=migrate_stored_config(stored))
+    assert cfg.filter.first_person.enabled is False and cfg.filter.other_character.enabled is True
+    assert "third_person" in stored["filter"]["out_of_role"]  # the stored record itself is not changed

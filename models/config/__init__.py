@@ -147,6 +147,33 @@ def _merge(model: type[BaseModel], base: dict[str, Any], given: dict[str, Any]) 
     return out
 
 
+# keys an earlier release wrote into stored run configs, and where their meaning lives now: a run made
+# before the change can still be rerun (`ditto rerun` loads its stored config through this)
+RENAMED_KEYS: dict[str, str] = {
+    "filter.out_of_role.third_person": "filter.first_person.enabled",
+    "filter.out_of_role.other_names": "filter.other_character.enabled",
+}
+
+
+def migrate_stored_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config with the keys of RENAMED_KEYS moved to their new place (a copy)."""
+    data = json.loads(json.dumps(data))
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = data
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        target.setdefault(new_leaf, value)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict[str, Any] | None = None) -> RunConfig:
     """Build a RunConfig: the defaults, then `data` / the YAML file (what they give, section by section), then
