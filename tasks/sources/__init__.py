@@ -128,13 +128,14 @@ def cap_fields(ch: Character, cfg: CharactersConfig) -> Rejection | None:
     `max_aliases` are kept. Changes `ch` in place; None when it is kept."""
     if not ch.id.strip():
         return reject(ch.row_id, "schema", "field 'id': empty id", character_id=ch.id, text=ch.label[:200])
+    label = ch.label.strip()
+    if len(label) > cfg.max_label_chars:  # first: a source that derives the id from the title says why
+        return reject(ch.row_id[:200], "too_long", f"label is {len(label):,} characters > "
+                      f"characters.max_label_chars {cfg.max_label_chars}", character_id=ch.id[:200],
+                      text=label[:200])
     if len(ch.id) > MAX_ID_CHARS:
         return reject(ch.row_id[:200], "too_long", f"id is {len(ch.id):,} characters > {MAX_ID_CHARS}",
                       character_id=ch.id[:200], text=ch.label[:200])
-    label = ch.label.strip()
-    if len(label) > cfg.max_label_chars:
-        return reject(ch.row_id, "too_long", f"label is {len(label):,} characters > characters.max_label_chars "
-                      f"{cfg.max_label_chars}", character_id=ch.id, text=label[:200])
     ch.label = label
     description = ch.description.strip()
     if len(description) > cfg.max_description_chars:
