@@ -81,6 +81,34 @@ class EngineClosed(EngineError):
     """The engine was closed (run killed or finished) while the request was outstanding."""
 
 
+class Outstanding:
+    """The futures of an engine's requests still in flight (thread-safe): closing an engine cancels them."""
+
+    def __init__(self) -> None:
+        self._futures: set[Future] = set()
+        self._lock = threading.Lock()
+
+    def track(self, fut: Future) -> Future:
+        with self._lock:
+            self._futures.add(fut)
+        fut.add_done_callback(self._discard)
+        return fut
+
+    def _discard(self, fut: Future) -> None:
+        with self._lock:
+            self._futures.discard(fut)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._futures)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            pending = list(self._futures)
+        for fut in pending:
+            fut.cancel()
+
+
 TRANSIENT_NAMES = {"TimeoutError", "ConnectionError", "APITimeoutError", "APIConnectionError", "RateLimitError",
                    "InternalServerError", "ReadTimeout", "ConnectTimeout", "RemoteProtocolError"}
 

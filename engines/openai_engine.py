@@ -37,6 +37,7 @@ from engines.base import (
     EngineError,
     Generation,
     Message,
+    Outstanding,
     Sampling,
     TransientEngineError,
 )
@@ -93,7 +94,7 @@ class OpenAIEngine(Engine):
         if self.guided not in ("response_format", "structured_outputs"):
             raise EngineError(f"options.guided must be response_format or structured_outputs, not {self.guided!r}")
         self.served_model = self.config.served_model
-        self._outstanding: set[Future] = set()
+        self._outstanding = Outstanding()
         self._lock = threading.Lock()
         self._closing = False
         self._loop = asyncio.new_event_loop()
@@ -232,15 +233,7 @@ class OpenAIEngine(Engine):
     def _submit(self, chat: list[Message], sampling: Sampling) -> Future:
         if getattr(self, "_loop", None) is None or self._loop.is_closed() or self._closing:
             raise EngineClosed("the openai engine is closed")
-        fut = self._call(self._one(chat, sampling))
-        with self._lock:
-            self._outstanding.add(fut)
-        fut.add_done_callback(self._forget)
-        return fut
-
-    def _forget(self, fut: Future) -> None:
-        with self._lock:
-            self._outstanding.discard(fut)
+        return self._outstanding.track(self._call(self._one(chat, sampling)))
 
     def endpoint_status(self) -> list[dict[str, Any]]:
         return [{"base_url": ep.base_url, "up": ep.up, "load": ep.load, "served": ep.served,
@@ -251,9 +244,7 @@ class OpenAIEngine(Engine):
             return
         with self._lock:
             self._closing = True
-            pending = list(self._outstanding)
-        for fut in pending:
-            fut.cancel()  # the request's task is cancelled on the loop; its connection is dropped
+        self._outstanding.cancel_all()  # the requests' tasks are cancelled on the loop; connections dropped
 
         async def shutdown():
             self._health_task.cancel()

