@@ -112,6 +112,21 @@ def test_fault_injection_is_not_part_of_the_engine_identity():
     assert engine_identity(engine, cfg) != engine_identity(engine, cfg.model_copy(update={"seed": 5}))
 
 
+def test_an_engine_with_injected_faults_bypasses_the_cache(tmp_path):
+    """Injected outputs are not the model's: neither stored under its keys nor replaced by stored ones."""
+    from models.config import load_config
+    from tasks.base import StageContext
+
+    def ctx(overrides):
+        return StageContext(run_id="r", stage="queries", shard=0, num_shards=1, home=tmp_path,
+                            config=load_config(overrides=["engine.kind=fake", *overrides]))
+
+    assert isinstance(ctx([]).engine(), CachedEngine)
+    faulty = ctx(["engine.options.faults={rate: 1.0, kinds: [malformed], seed: 2}"]).engine()
+    assert not isinstance(faulty, CachedEngine)
+    assert faulty.submit(CHAT, Sampling()).result(timeout=30).cached is False
+
+
 def test_identical_requests_in_flight_are_computed_once(store):
     engine = GateEngine()
     ce = CachedEngine(engine, store)
