@@ -1,4 +1,4 @@
-"""The DuckDB catalog: runs, shards, stage_stats, models, evaluations.
+"""The DuckDB catalog: runs, shards, stage_stats, models, evaluations, artifacts (storage/artifacts.py).
 
 Only the flow process opens it (DuckDB allows one writer process, and a reader process would block
 the writer); while open it also holds an flock on <home>/catalog.lock, which readers probe (without
@@ -35,8 +35,8 @@ LAYOUT_FILE = "_layout.json"  # written once the snapshot is complete in the par
 LAYOUT_VERSION = 3  # 3: hive folders run_id=<id>/ (readers prune partitions by path)
 LOCK_FILE = "catalog.lock"
 CATALOG_FILE = "catalog.duckdb"
-TABLES = ("runs", "shards", "stage_stats", "models", "evaluations", "source_snapshots", "source_pins")
-PATH_COLUMNS = {"shards": ("path", "rejects_path"), "models": ("path",)}
+TABLES = ("runs", "shards", "stage_stats", "models", "evaluations", "source_snapshots", "source_pins", "artifacts")
+PATH_COLUMNS = {"shards": ("path", "rejects_path"), "models": ("path",), "artifacts": ("path",)}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS source_snapshots (
 CREATE TABLE IF NOT EXISTS source_pins (
     run_id VARCHAR, stage VARCHAR, kind VARCHAR, snapshot_id VARCHAR, pinned_at TIMESTAMP,
     PRIMARY KEY (run_id, stage, kind));
+CREATE TABLE IF NOT EXISTS artifacts (
+    kind VARCHAR, key VARCHAR, run_id VARCHAR, path VARCHAR, bytes BIGINT, sha256 VARCHAR, files JSON, meta JSON,
+    created_at TIMESTAMP, PRIMARY KEY (kind, key));
 """
 
 # catalogs written by earlier versions: the columns added since (appended, in SCHEMA's order)
@@ -639,6 +642,21 @@ class Catalog:
             self._con.execute("ROLLBACK")
             raise
         self.touch("evaluations", ALL)  # an eval id may have had rows under another run
+        self.snapshot(force=True)
+
+    # -- artifacts (storage/artifacts.py): what is resumed by content key besides shards -----
+    def register_artifact(self, art: Any) -> None:
+        """Register an `Artifact` (or its dict) under its (kind, key), replacing an earlier registration of the
+        same key (one rebuilt after it was found damaged)."""
+        a = art if isinstance(art, dict) else art.model_dump()
+        old = self._con.execute("SELECT run_id FROM artifacts WHERE kind=? AND key=?",
+                                [a["kind"], a["key"]]).fetchall()
+        self._tx("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 [a["kind"], a["key"], a["run_id"], self._rel(a["path"]), a["bytes"], a["sha256"],
+                  json.dumps(a.get("files")) if a.get("files") is not None else None,
+                  json.dumps(a.get("meta") or {}, default=str), now()], touch={"artifacts": a["run_id"]})
+        for (run_id,) in old:  # the row left that run's partition
+            self.touch("artifacts", run_id)
         self.snapshot(force=True)
 
     # -- snapshot for readers ---------------------------------------------------------------

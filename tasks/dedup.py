@@ -1,7 +1,8 @@
 """The dedup stage: exact and near duplicates across the whole run, after the per-turn filters.
 
     prepare: one global step over every filter shard (signatures per shard, one LSH pass, decisions per
-             shard; tasks/filters/dedup.py), whose per-shard digest enters each dedup shard's key
+             shard; tasks/filters/dedup.py; config section `dedup`), whose per-shard digest enters each
+             dedup shard's key; its signatures and decisions are catalog artifacts, reused by content key
     run:     drop the shard's duplicate turns from its sessions; a session left with fewer than
              sessions.min_turns turns is dropped too
 
@@ -20,8 +21,9 @@ from typing import Any
 
 from models.config import RunConfig
 from models.records import Session
-from tasks.base import ShardOutput, Stage, StageContext, Stats
+from tasks.base import Prepared, ShardOutput, Stage, StageContext, Stats
 from tasks.filters import dedup as dedup_mod
+from tasks.sessions import reject_short_session
 
 
 class DedupStage(Stage):
@@ -31,26 +33,25 @@ class DedupStage(Stage):
 
     @staticmethod
     def active(config: RunConfig) -> bool:
-        d = config.filter.dedup
-        return config.filter.enabled and (d.exact or d.near)
+        return config.filter.enabled and (config.dedup.exact or config.dedup.near)
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         return {"active": self.active(config),
-                "dedup": config.filter.dedup.model_dump(mode="json"),
+                "dedup": config.dedup.model_dump(mode="json"),
                 "min_turns": config.sessions.min_turns}
 
     def prepare(self, config: RunConfig, home: Path, run_id: str,
-                upstream: dict[str, dict[int, str]]) -> dict[int, dict[str, Any]] | None:
+                upstream: dict[str, dict[int, str]]) -> Prepared | None:
         if not self.active(config):
             return None
-        return dedup_mod.prepare(config.filter.dedup, home, run_id, upstream.get("filter") or {})
+        return dedup_mod.prepare(config.dedup, home, run_id, upstream.get("filter") or {})
 
     def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
         t0 = time.perf_counter()
         sessions = inputs.get("filter") or []
         stats = Stats(rows_in=sum(len(s["turns"]) for s in sessions))
         out = ShardOutput(rows=[], stats=stats)
-        dcfg = ctx.config.filter.dedup
+        dcfg = ctx.config.dedup
         decisions: dict[str, dict[str, Any]] = {}
         if self.active(ctx.config):
             dup_file = (ctx.extra or {}).get("dup_file")
@@ -68,16 +69,10 @@ class DedupStage(Stage):
                 if d is None or not (dcfg.exact if d["filter"] == "exact_dup" else dcfg.near):
                     keep.append(t)
                     continue
-                stats.dropped[d["filter"]] += 1
-                out.rejects.append(ctx.reject(t["turn_id"], d["filter"], f"duplicate of {d['dup_of']}",
-                                              score=d["score"], character_id=s["character_id"], text=t["answer"]))
-            if len(keep) < ctx.config.sessions.min_turns:
-                for t in keep:
-                    stats.dropped["min_turns"] += 1
-                    out.rejects.append(ctx.reject(
-                        t["turn_id"], "min_turns", f"session of {s['character_id']} kept {len(keep)} turn(s) after "
-                        f"dedup < min_turns {ctx.config.sessions.min_turns}; the session is dropped",
-                        score=float(len(keep)), character_id=s["character_id"], text=t["answer"]))
+                ctx.reject(out, t["turn_id"], d["filter"], f"duplicate of {d['dup_of']}",
+                           score=d["score"], character_id=s["character_id"], text=t["answer"])
+            if reject_short_session(ctx, out, s["character_id"], [(t["turn_id"], t["answer"]) for t in keep],
+                                    after="dedup"):
                 continue
             out.rows.append(Session.model_validate({**s, "turns": keep, "parents": [t["turn_id"] for t in keep]}))
         stats.rows_out = sum(len(s.turns) for s in out.rows)

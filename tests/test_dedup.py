@@ -5,7 +5,6 @@ filter stage's independence from other shards' duplicates."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,8 @@ import pytest
 
 from models.base import to_table
 from models.records import Session
+from storage.catalog import Catalog
+from storage.reader import CatalogReader
 from storage.shards import write_table
 from tasks.dedup import DedupStage
 from tasks.filter import FilterStage
@@ -26,6 +27,20 @@ NEAR = BASE.replace("cold morning", "freezing morning").replace("before noon", "
 ZH = "我一生好饮酒，举杯邀明月，对影成三人，写下了《将进酒》，诗酒相伴便是我最大的快乐，月下独酌最是逍遥。"
 ZH_NEAR = ZH.replace("最大的", "最深的")
 CFG = filter_config(refusal={"enabled": False}, out_of_role={"enabled": False})
+
+
+def with_dedup(cfg, **dedup_settings):
+    return cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update=dedup_settings)})
+
+
+def prepared(stage, cfg, home: Path, run_id: str, up: dict):
+    """The global step as the flow runs it: prepare (reads the catalog's snapshot), then the flow process
+    registers the artifacts it built."""
+    plan = stage.prepare(cfg, home, run_id, up)
+    with Catalog(home) as cat:
+        for art in plan.artifacts:
+            cat.register_artifact(art)
+    return plan
 
 
 def test_minhash_matches_datasketch():
@@ -43,7 +58,7 @@ def test_minhash_matches_datasketch():
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_vectorised_signatures_equal_per_document_minhash(n):
-    from models.config.filter import DedupConfig
+    from models.config.dedup import DedupConfig
 
     texts = list(GOOD.values()) + list(REFUSALS.values()) + ["", "one", "two words", "我", "我们", "?!"]
     cfg = DedupConfig(shingle=n)
@@ -81,7 +96,7 @@ def test_dedup_across_shards(tmp_path):
     }
     stage = DedupStage()
     up = {"filter": {s: filtered(tmp_path, s, t) for s, t in shards.items()}}
-    plan = stage.prepare(CFG, tmp_path, "r1", up)
+    plan = prepared(stage, CFG, tmp_path, "r1", up)
     assert set(plan) == {0, 1, 2} and all(p["dup_file"].startswith(str(tmp_path / "runs/r1/dedup_global"))
                                          for p in plan.values())
     assert list((tmp_path / "runs/r1/dedup_global/signatures").rglob("*.parquet"))
@@ -99,10 +114,10 @@ def test_dedup_across_shards(tmp_path):
         for s in o.rows:
             assert s.parents == [t.turn_id for t in s.turns] and s.turns
     # the same inputs give the same decisions and digests; a changed shard changes them
-    assert stage.prepare(CFG, tmp_path, "r1", up) == plan
+    assert prepared(stage, CFG, tmp_path, "r1", up) == plan
     shards[2][0] = make_turn("Q1107@zh", GOOD["Q1107@zh"])
     up["filter"][2] = filtered(tmp_path / "v2", 2, shards[2])
-    plan2 = stage.prepare(CFG, tmp_path, "r1", up)
+    plan2 = prepared(stage, CFG, tmp_path, "r1", up)
     assert plan2[2]["digest"] != plan[2]["digest"]
 
 
@@ -127,7 +142,7 @@ def test_a_session_left_below_min_turns_after_dedup_is_dropped(tmp_path):
 
 
 def test_dedup_off_passes_sessions_through(tmp_path):
-    cfg = filter_config(refusal={"enabled": False}, dedup={"exact": False, "near": False})
+    cfg = with_dedup(filter_config(refusal={"enabled": False}), exact=False, near=False)
     path = filtered(tmp_path, 0, [make_turn("Q517@en", GOOD["Q517@en"]),
                                   make_turn("Q937@en", GOOD["Q517@en"].upper())], cfg)
     assert DedupStage().prepare(cfg, tmp_path, "r1", {"filter": {0: path}}) is None
@@ -138,9 +153,18 @@ def test_dedup_off_passes_sessions_through(tmp_path):
 def test_filter_shards_do_not_depend_on_dedup():
     """The per-turn chain's key covers no dedup setting: other shards' duplicates never rebuild it."""
     base = filter_config()
-    other = filter_config(dedup={"threshold": 0.9, "near": False})
+    other = with_dedup(filter_config(), threshold=0.9, near=False)
     assert FilterStage().fingerprint(base) == FilterStage().fingerprint(other)
     assert DedupStage().fingerprint(base) != DedupStage().fingerprint(other)
+
+
+def _count_work(monkeypatch) -> tuple[list[int], list[int]]:
+    """Shards signed per call of the signing step, and the decision passes run."""
+    signed, decided = [], []
+    real_sign, real_decide = dedup._sign_all, dedup.decide
+    monkeypatch.setattr(dedup, "_sign_all", lambda todo, *a: (signed.append(len(todo)), real_sign(todo, *a)))
+    monkeypatch.setattr(dedup, "decide", lambda *a: (decided.append(1), real_decide(*a))[1])
+    return signed, decided
 
 
 def test_dedup_signatures_follow_the_shard_content_not_its_path(tmp_path, monkeypatch):
@@ -150,46 +174,86 @@ def test_dedup_signatures_follow_the_shard_content_not_its_path(tmp_path, monkey
     other = [make_turn("Q937@en", GOOD["Q11@en"])]
     up = {"filter": {0: filtered(tmp_path, 0, first), 1: filtered(tmp_path, 1, other)}}
     stage = DedupStage()
-    signed, decided = [], []
-    real_sign, real_decide = dedup._sign_all, dedup.decide
-    monkeypatch.setattr(dedup, "_sign_all", lambda todo, *a: (signed.append(len(todo)), real_sign(todo, *a)))
-    monkeypatch.setattr(dedup, "decide", lambda *a: (decided.append(1), real_decide(*a))[1])
-    plan = stage.prepare(CFG, tmp_path, "r1", up)
+    signed, decided = _count_work(monkeypatch)
+    plan = prepared(stage, CFG, tmp_path, "r1", up)
     assert signed == [2] and decided == [1] and not dedup.load_decisions(plan[1]["dup_file"])
-    # nothing changed upstream (a rerun): the finished step's decisions and digests stand, nothing is signed
-    # or decided again
-    assert stage.prepare(CFG, tmp_path, "r1", up) == plan and signed == [2] and decided == [1]
+    # nothing changed upstream (a rerun): the registered step's decisions and digests stand, nothing is
+    # signed or decided again
+    assert prepared(stage, CFG, tmp_path, "r1", up) == plan and signed == [2] and decided == [1]
     # a decisions part lost (a step killed while writing them): decided again, signatures reused
     Path(plan[1]["dup_file"]).unlink()
-    assert stage.prepare(CFG, tmp_path, "r1", up) == plan and signed == [2, 0] and decided == [1, 1]
+    assert prepared(stage, CFG, tmp_path, "r1", up) == plan and signed == [2, 0] and decided == [1, 1]
 
     # shard 1 rewritten at the same path with the same turn id: now it duplicates shard 0
     again = [{**make_turn("Q937@en", BASE), "id": other[0]["id"]}]
     assert filtered(tmp_path, 1, again) == up["filter"][1]
-    plan2 = stage.prepare(CFG, tmp_path, "r1", up)
+    plan2 = prepared(stage, CFG, tmp_path, "r1", up)
     assert signed == [2, 0, 1] and decided == [1, 1, 1]
     decisions = [d for s in (0, 1) for d in dedup.load_decisions(plan2[s]["dup_file"]).values()]
     assert [d["filter"] for d in decisions] == ["exact_dup"]  # whichever id is smaller is kept
     assert {d["id"] for d in decisions} | {d["dup_of"] for d in decisions} == {first[0]["id"], other[0]["id"]}
 
 
-def test_shard_fingerprint_changes_with_content_even_at_the_same_size_and_mtime(tmp_path):
-    text = GOOD["Q517@en"]
-    path = filtered(tmp_path, 0, [make_turn("Q517@en", text)])
-    st = os.stat(path)
-    before = dedup.shard_fingerprint(path)
-    assert dedup.shard_fingerprint(path) == before
-    turn = make_turn("Q517@en", text.replace("a", "o", 1))
-    filtered(tmp_path, 0, [{**turn, "id": make_turn("Q517@en", text)["id"]}])
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert dedup.shard_fingerprint(path) != before
+def _corrupt(path: str | Path) -> None:
+    """Same size, other bytes: only the registered sha256 tells."""
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+def test_global_step_resumes_from_the_catalog_entry_in_another_run(tmp_path, monkeypatch):
+    """The step's signatures and decisions are catalog artifacts under content keys: another run over the same
+    filter shards reuses them (nothing signed or decided), a damaged file is rebuilt, not trusted, and a
+    changed setting rebuilds exactly what it changes."""
+    up = {"filter": {0: filtered(tmp_path, 0, [make_turn("Q517@en", BASE)]),
+                     1: filtered(tmp_path, 1, [make_turn("Q937@en", NEAR)])}}
+    stage = DedupStage()
+    signed, decided = _count_work(monkeypatch)
+    plan = prepared(stage, CFG, tmp_path, "r1", up)
+    with CatalogReader(tmp_path) as rd:
+        kinds = sorted(r["kind"] for r in rd.query("SELECT kind, run_id FROM artifacts WHERE run_id='r1'"))
+    assert kinds == ["dedup_decisions", "dedup_signatures", "dedup_signatures"]
+    assert prepared(stage, CFG, tmp_path, "r2", up) == plan and signed == [2] and decided == [1]
+    assert all("/runs/r1/" in p["dup_file"] for p in plan.values())  # the registered copy, wherever it lies
+
+    _corrupt(plan[0]["dup_file"])  # damaged decisions: decided again (signatures are whole), in this run
+    again = prepared(stage, CFG, tmp_path, "r2", up)
+    assert signed == [2, 0] and decided == [1, 1]
+    assert {s: p["digest"] for s, p in again.items()} == {s: p["digest"] for s, p in plan.items()}
+    with CatalogReader(tmp_path) as rd:
+        (row,) = rd.query("SELECT run_id, path FROM artifacts WHERE kind='dedup_decisions'")
+    assert row["run_id"] == "r2" and "/runs/r2/" in row["path"]
+    sig = next((tmp_path / "runs/r1/dedup_global/signatures").glob("*.parquet"))
+    _corrupt(sig)  # a damaged signature table (and decisions over it): that shard is signed again
+    Path(row["path"], "part-00000.parquet").unlink()
+    prepared(stage, CFG, tmp_path, "r2", up)
+    assert signed == [2, 0, 1] and decided == [1, 1, 1]
+
+    # a decision setting changes the decisions' key only; a signature setting both keys
+    prepared(stage, with_dedup(CFG, threshold=0.95), tmp_path, "r2", up)
+    assert signed == [2, 0, 1, 0] and decided == [1, 1, 1, 1]
+    prepared(stage, with_dedup(CFG, shingle=3), tmp_path, "r2", up)
+    assert signed == [2, 0, 1, 0, 2] and decided == [1, 1, 1, 1, 1]
+    prepared(stage, with_dedup(CFG, workers=1), tmp_path, "r2", up)  # how it is computed is no part of the key
+    assert signed == [2, 0, 1, 0, 2] and decided == [1, 1, 1, 1, 1]
+
+
+def test_decision_schema_is_derived_from_its_record():
+    import pyarrow as pa
+
+    assert dedup.DECISION_SCHEMA.names == list(dedup.DedupDecision.model_fields)
+    assert dedup.DECISION_SCHEMA.field("score").type == pa.float64()
+    row = {"id": "t1", "filter": "near_dup", "dup_of": "t0", "score": 0.8}
+    assert to_table([row], dedup.DedupDecision).schema == dedup.DECISION_SCHEMA
+    with pytest.raises(ValueError):
+        dedup.DedupDecision.model_validate({**row, "filter": "min_turns"})
 
 
 @pytest.mark.parametrize("shards", [{0: [], 1: []}, {0: []}, {}])
 def test_global_step_over_empty_shards_decides_nothing(tmp_path, shards):
     stage = DedupStage()
     up = {"filter": {s: filtered(tmp_path, s, t) for s, t in shards.items()}}
-    plan = stage.prepare(CFG, tmp_path, "r0", up)
+    plan = prepared(stage, CFG, tmp_path, "r0", up)
     assert set(plan) == set(shards)
     for s in shards:
         out = dedup_run(tmp_path, up["filter"][s], plan[s], s)
@@ -200,8 +264,8 @@ def test_zero_kept_turns_is_a_completed_run_with_empty_shards_and_a_note(tmp_pat
     """sessions.min_turns above every session's length: nothing survives the filter. Dedup and sft_data run
     on empty shards, the run completes (and a rerun too), and `ditto show` says why the dataset is empty."""
     from flows.build import rerun, run_build
-    from flows.report import run_notes
     from storage.reader import CatalogReader
+    from storage.report import run_notes
 
     home = tmp_path / "h"
     ov = [*fake_overrides, "sessions.min_turns=100", "filter.identity.enabled=false"]
@@ -213,6 +277,8 @@ def test_zero_kept_turns_is_a_completed_run_with_empty_shards_and_a_note(tmp_pat
             shards = rd.shards("empty", stage)
             assert len(shards) == s["num_shards"] and all(r["status"] == "done" and r["rows"] == 0 for r in shards)
         notes = run_notes(rd, "empty")
+        # the flow registered what the global step built: a rerun finds its decisions in the catalog
+        assert rd.query("SELECT run_id FROM artifacts WHERE kind='dedup_decisions'") == [{"run_id": "empty"}]
     assert any(n.startswith("filter kept no rows") and "min_turns=" in n and "dedup, sft_data ran on empty shards"
                in n for n in notes), notes
     assert rerun("empty", home)["status"] == "completed"

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from models.base import Strict
 from models.config.characters import CharactersConfig
+from models.config.dedup import DedupConfig
 from models.config.engine import BUNDLED_MODEL, EngineConfig
 from models.config.eval import EvalConfig
 from models.config.filter import FilterConfig
@@ -28,7 +29,7 @@ from models.config.train import TrainConfig
 from models.ids import content_hash
 
 __all__ = [
-    "BUNDLED_MODEL", "CharactersConfig", "ConfigError", "EngineConfig", "EvalConfig", "FilterConfig",
+    "BUNDLED_MODEL", "CharactersConfig", "ConfigError", "DedupConfig", "EngineConfig", "EvalConfig", "FilterConfig",
     "QueriesConfig", "ResponsesConfig", "RunConfig", "RunnerConfig", "SFTDataConfig", "SamplingConfig",
     "SessionsConfig", "TrainConfig", "load_config",
 ]
@@ -43,6 +44,7 @@ class RunConfig(Strict):
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     sft: SFTDataConfig = Field(default_factory=SFTDataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -61,7 +63,8 @@ def _describe(err: ValidationError, origin: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{origin}: unknown key '{key}'")
+            moved = _moved(key)
+            lines.append(f"{origin}: unknown key '{key}'" + (f" (it is '{moved}' now)" if moved else ""))
         elif e["type"] == "missing":
             lines.append(f"{origin}: missing key '{key}'")
         else:
@@ -152,7 +155,16 @@ def _merge(model: type[BaseModel], base: dict[str, Any], given: dict[str, Any]) 
 RENAMED_KEYS: dict[str, str] = {
     "filter.out_of_role.third_person": "filter.first_person.enabled",
     "filter.out_of_role.other_names": "filter.other_character.enabled",
+    "filter.dedup": "dedup",
 }
+
+
+def _moved(key: str) -> str | None:
+    """Where a key of RENAMED_KEYS (or a key under it) lives now."""
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
 
 
 def migrate_stored_config(data: dict[str, Any]) -> dict[str, Any]:

@@ -51,18 +51,6 @@ class LanguageFilterConfig(Strict):
                                                         "(a sentence in English inside a Chinese answer)")
 
 
-class DedupConfig(Strict):
-    exact: bool = Field(True, description="drop exact duplicates (hash of normalised text) across the whole run")
-    near: bool = Field(True, description="drop near duplicates (MinHash LSH) across the whole run")
-    threshold: float = Field(0.7, gt=0, le=1, description="estimated Jaccard of shingle sets that makes a near duplicate")
-    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (uint32 each)")
-    shingle: int = Field(2, ge=1, le=10, description="shingle size in tokens (words; CJK characters)")
-    seed: int = Field(1, description="MinHash permutation seed")
-    bands: int | None = Field(None, ge=2, description="LSH bands (rows = num_perm // bands); None: datasketch's optimum")
-    workers: int = Field(0, ge=0, description="processes signing shards in the global step; 0: one per CPU core "
-                                              "when there are at least 20,000 turns to sign, else 1")
-
-
 class QuestionsConfig(Strict):
     """Checked in the queries stage (tasks/filters/questions.py): an invalid question is dropped with its
     reason; a call with no valid question is re-sampled, then rejected."""
@@ -179,7 +167,6 @@ class FilterConfig(Strict):
     enabled: bool = Field(True, description="run the filter chain; off keeps every parsed turn")
     format: FormatFilterConfig = Field(default_factory=FormatFilterConfig)
     length: LengthFilterConfig = Field(default_factory=LengthFilterConfig)
-    dedup: DedupConfig = Field(default_factory=DedupConfig)
     language: LanguageFilterConfig = Field(default_factory=LanguageFilterConfig)
     meta_talk: MetaTalkConfig = Field(default_factory=MetaTalkConfig)
     out_of_role: OutOfRoleConfig = Field(default_factory=OutOfRoleConfig)

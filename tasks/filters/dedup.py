@@ -7,11 +7,11 @@ datasketch's optimum for the threshold (`MinHashLSH(threshold, num_perm).b, .r`)
 
 The global step streams the filter stage's sessions shard by shard (only turns that passed every per-turn
 filter, answers as kept), writes one signature table per shard under
-`<home>/runs/<run>/dedup_global/signatures/` (reused while the input shard's content, as
-`shard_fingerprint` sees it, and the dedup config are the same), then runs one banding pass over all of
-them in NumPy instead of datasketch's dict-of-lists index, and writes each shard's decisions (turn id ->
-exact_dup/near_dup of which id). A step that finds every input shard as a finished step left it reuses
-that step's decisions.
+`<home>/runs/<run>/dedup_global/signatures/`, then runs one banding pass over all of them in NumPy instead
+of datasketch's dict-of-lists index, and writes each shard's decisions (turn id -> exact_dup/near_dup of
+which id) under `dedup_global/decisions/<key>/`. Both are catalog artifacts (storage/artifacts.py) under
+content keys: a shard's signatures under its file's sha256 and the signature settings, the decisions under
+every input shard's sha256 and the dedup settings; a whole registered one is reused, from any run.
 
 Memory at 128 permutations: signatures are 512 bytes per turn (36k turns: 18 MiB; 3.6M turns: 1.8 GiB),
 plus per band one uint64 key and a few int64 index arrays per turn (~150 MiB at 3.6M), and the turn ids as
@@ -26,31 +26,45 @@ failed any of them never suppresses a good one.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import Field
 
-from models.config.filter import DedupConfig
+from models.base import Record, arrow_schema, to_table
+from models.config.dedup import DedupConfig
 from models.ids import content_hash
-from storage.shards import write_table
+from storage import artifacts
+from storage.shards import file_sha256, write_table
+from tasks.base import Prepared
 from tasks.filters.text import exact_hash, tokens
 
 _U32 = np.uint32
 _FMIX = (_U32(16), _U32(0x85EBCA6B), _U32(13), _U32(0xC2B2AE35), _U32(16))
 _MIX = _U32(0x01000193)
 EMPTY = np.iinfo(np.uint32).max
-DECISION_SCHEMA = pa.schema([("id", pa.string()), ("filter", pa.string()), ("dup_of", pa.string()),
-                             ("score", pa.float64())])
+ALGO = 2  # the signature algorithm's version: a change re-signs every shard
+
+
+class DedupDecision(Record):
+    """One dropped turn of the global step (the decisions files' rows)."""
+
+    id: str = Field(description="the dropped turn")
+    filter: Literal["exact_dup", "near_dup"]
+    dup_of: str = Field(description="the kept copy's turn id")
+    score: float = Field(description="1.0 for exact duplicates, else the estimated Jaccard")
+
+
+DECISION_SCHEMA = arrow_schema(DedupDecision)
 
 
 def fmix32(h: np.ndarray) -> np.ndarray:
@@ -280,41 +294,42 @@ def _sign_all(todo: list[tuple[str, Path]], dcfg: DedupConfig) -> None:
         list(pool.map(_sign_shard, jobs))
 
 
-def shard_fingerprint(path: str | Path) -> str:
-    """What the signature cache of one responses shard is keyed by: its path, size, mtime_ns and a hash of
-    its Parquet footer (row count, per-column compressed sizes and min/max statistics). A shard
-    regenerated at the same path (same input hash, same turn ids, other sampled text) is written anew
-    (atomic replace: a new mtime) and differs in its footer, so its stale signatures are not reused; reading
-    the footer costs a few kB per shard, not the file."""
-    p = Path(path)
-    st = p.stat()
-    with p.open("rb") as fh:
-        fh.seek(max(0, st.st_size - 8))
-        tail = fh.read(8)
-        footer = b""
-        if len(tail) == 8 and tail[4:] == b"PAR1":
-            size = int.from_bytes(tail[:4], "little")
-            fh.seek(max(0, st.st_size - 8 - size))
-            footer = fh.read(size)
-    return content_hash([str(p), st.st_size, st.st_mtime_ns, hashlib.sha256(footer + tail).hexdigest()], 16)
+def _signature_key(dcfg: DedupConfig, content: str) -> str:
+    """A shard's signatures: its content (file sha256) and the settings that change a signature."""
+    return content_hash({"sig": dcfg.model_dump(mode="json", include={"num_perm", "shingle", "seed"}),
+                         "algo": ALGO, "input": content})
 
 
-def prepare(dcfg: DedupConfig, home: Path, run_id: str, shards: dict[int, str]) -> dict[int, dict[str, Any]]:
-    """The global step over the filter stage's session shards: per shard, the decisions file and a
-    digest of its decisions (the digest enters the dedup shard's key)."""
+def prepare(dcfg: DedupConfig, home: Path, run_id: str, shards: dict[int, str]) -> Prepared:
+    """The global step over the filter stage's session shards: per shard, the decisions file and a digest of
+    its decisions (the digest enters the dedup shard's key). Signatures (per input shard) and decisions (per
+    set of input shards) are artifacts under content keys: the inputs' sha256 and the dedup settings. Whole
+    ones registered in the catalog are reused (from any run); the rest is built and handed back for the
+    flow to register."""
+    from storage.reader import CatalogReader
+
     root = Path(home) / "runs" / run_id / "dedup_global"
-    sig_key = content_hash({"dedup": dcfg.model_dump(mode="json"), "algo": 2})
     shard_ids = sorted(int(s) for s in shards)
-    prints = {s: shard_fingerprint(shards[s]) for s in shard_ids}
-    run_key = content_hash([sig_key, [[s, prints[s]] for s in shard_ids]])
-    dec_paths = {s: root / "decisions" / run_key / f"part-{s:05d}.parquet" for s in shard_ids}
-    if all(p.exists() for p in dec_paths.values()):
-        # the same shards and config as a finished global step (a rerun with nothing new upstream): its
-        # decisions stand; each file was written atomically, so an interrupted step has a part missing
-        return {s: {"dup_file": str(p), "digest": content_hash(pq.read_table(p).to_pylist())}
-                for s, p in dec_paths.items()}
-    sig_paths = {s: root / "signatures" / sig_key / f"part-{s:05d}-{prints[s]}.parquet" for s in shard_ids}
-    _sign_all([(str(shards[s]), p) for s, p in sig_paths.items() if not p.exists()], dcfg)
+    content = {s: file_sha256(shards[s]) for s in shard_ids}
+    dec_key = content_hash({"dedup": dcfg.model_dump(mode="json", exclude={"workers"}), "algo": ALGO,
+                            "inputs": [[s, content[s]] for s in shard_ids]})
+    sig_keys = {s: _signature_key(dcfg, content[s]) for s in shard_ids}
+    with CatalogReader(home) as reader:
+        done, _ = artifacts.find(reader, artifacts.DEDUP_DECISIONS, dec_key)
+        if done is not None:  # the same inputs and settings as a finished step: its decisions stand
+            return Prepared({s: {"dup_file": str(Path(done.path) / _part(s)), "digest": done.meta["digests"][str(s)]}
+                             for s in shard_ids})
+        sig_paths = {}
+        for s in shard_ids:
+            found, _ = artifacts.find(reader, artifacts.DEDUP_SIGNATURES, sig_keys[s])
+            sig_paths[s] = Path(found.path) if found else None
+    built: list[artifacts.Artifact] = []
+    todo = [(str(shards[s]), root / "signatures" / f"{sig_keys[s]}.parquet") for s in shard_ids if not sig_paths[s]]
+    _sign_all(todo, dcfg)
+    for s in shard_ids:
+        if sig_paths[s] is None:
+            sig_paths[s] = root / "signatures" / f"{sig_keys[s]}.parquet"
+            built.append(artifacts.Artifact.of(artifacts.DEDUP_SIGNATURES, sig_keys[s], run_id, sig_paths[s]))
     id_chunks, exact_chunks, sig_chunks, owner = [], [], [], []
     for s in shard_ids:
         t = pq.read_table(sig_paths[s])
@@ -332,12 +347,20 @@ def prepare(dcfg: DedupConfig, home: Path, run_id: str, shards: dict[int, str]) 
     per_shard: dict[int, list[dict]] = {s: [] for s in shard_ids}
     for d in decisions:
         per_shard[shard_of_id[d["id"]]].append(d)
+    folder = root / "decisions" / dec_key
     out = {}
     for s in shard_ids:
         rows = sorted(per_shard[s], key=lambda d: d["id"])
-        write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), dec_paths[s])
-        out[s] = {"dup_file": str(dec_paths[s]), "digest": content_hash(rows)}
-    return out
+        write_table(to_table(rows, DedupDecision), folder / _part(s))
+        out[s] = {"dup_file": str(folder / _part(s)), "digest": content_hash(rows)}
+    folder.mkdir(parents=True, exist_ok=True)
+    built.append(artifacts.Artifact.of(artifacts.DEDUP_DECISIONS, dec_key, run_id, folder,
+                                       meta={"digests": {str(s): out[s]["digest"] for s in shard_ids}}))
+    return Prepared(out, built)
+
+
+def _part(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
 
 
 def load_decisions(path: str | Path) -> dict[str, dict[str, Any]]:
