@@ -474,6 +474,8 @@ class _Runner:
                     self.cat.mark_failed(self.run_id, name, k, "", error)
                     self.settle(name, k, FAILED, status="failed")
             return
+        for art in getattr(extra, "artifacts", ()):  # what the step built (a Prepared): the flow registers it
+            self.cat.register_artifact(art)
         self.extra[name] = {int(k): v for k, v in (extra or {}).items()}
         self.prep[name] = DONE
         for k in range(self.num_shards or 0):

@@ -112,10 +112,20 @@ class Stage:
     def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
         raise NotImplementedError
 
-    # optional global step over all upstream shards; returns {shard: small json-able dict}
+    # optional global step over all upstream shards; returns {shard: small json-able dict}, or a Prepared
     def prepare(self, config: RunConfig, home: Path, run_id: str,
                 upstream: dict[str, dict[int, str]]) -> dict[int, dict[str, Any]] | None:
         return None
+
+
+class Prepared(dict):
+    """A global step's result: {shard: small json-able dict} (each shard's job gets its entry; its `digest`
+    enters the shard's key), plus the artifacts the step built (storage/artifacts.py), which the flow process
+    registers in the catalog: the step reads the catalog's snapshot and never writes the catalog."""
+
+    def __init__(self, shards: dict[int, dict[str, Any]] | None = None, artifacts: list[Any] | None = None):
+        super().__init__(shards or {})
+        self.artifacts = list(artifacts or [])
 
 
 class SourceStage(Stage):

@@ -4,10 +4,14 @@ brief introduction ("You are {label}, {description}."), never the profile."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from models.config.generation import SessionsConfig
 from models.ids import row_id
 from models.records import Session, SessionTurn
+
+if TYPE_CHECKING:
+    from tasks.base import ShardOutput, StageContext
 
 
 def system_prompt(character: dict, cfg: SessionsConfig) -> str:
@@ -40,3 +44,17 @@ def assemble_sessions(characters: dict[str, dict], turns: Iterable[dict], cfg: S
                                answer=t["answer"], scores=(scores or {}).get(t["id"], {})) for t in ts],
             parents=[t["id"] for t in ts]))
     return sessions, too_short
+
+
+def reject_short_session(ctx: StageContext, out: ShardOutput, character_id: str, turns: list[tuple[str, str]],
+                         after: str = "") -> bool:
+    """The `sessions.min_turns` rule, one place for the filter and dedup stages: a session left with fewer
+    kept turns is dropped, each of its turns (turn id, answer) rejected as 'min_turns'. True if dropped."""
+    n, need = len(turns), ctx.config.sessions.min_turns
+    if n >= need:
+        return False
+    when = f" after {after}" if after else ""
+    for turn_id, text in turns:
+        ctx.reject(out, turn_id, "min_turns", f"session of {character_id} kept {n} turn(s){when} < min_turns {need}; "
+                   f"the session is dropped", score=float(n), character_id=character_id, text=text)
+    return True
