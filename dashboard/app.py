@@ -19,7 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dashboard import svg
-from dashboard.data import STAGE_ORDER, BadRequest, DashboardData, NotFound
+from dashboard.data import BadRequest, DashboardData, NotFound
+from models.stages import STAGE_ORDER
 
 logger = logging.getLogger("ditto.dashboard")
 HERE = Path(__file__).resolve().parent

@@ -19,10 +19,11 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from flows.stages import STAGE_ORDER
 from models.base import table_rows
-from storage.catalog import SNAPSHOT_DIR, now
-from storage.reader import CatalogReader
+from models.stages import stage_sort_key
+from storage.catalog import SNAPSHOT_DIR
+from storage.reader import CatalogReader, duration_s
+from storage.report import show_extras, timeline
 
 logger = logging.getLogger("ditto.dashboard")
 
@@ -77,12 +78,6 @@ def prefect_run_url(flow_run_id: str | None) -> str | None:
     return f"{base}/runs/flow-run/{fid}"
 
 
-def _seconds(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None:
-        return None
-    return round(((end or now()) - start).total_seconds(), 1)
-
-
 def _iso(v: Any) -> Any:
     return v.isoformat(sep=" ", timespec="seconds") if isinstance(v, datetime) else v
 
@@ -91,11 +86,8 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: _iso(v) for k, v in row.items()}
 
 
-def _stage_key(stage: str) -> tuple[int, str]:
-    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
-
-
 CACHE_SECONDS = 60.0  # the longest a per-run file list is reused while the snapshot files look unchanged
+MODEL_COLUMNS = ("model_id", "base_model", "status", "metrics", "created_at")  # what the run page shows
 INDEX_MAX_ROWS = 500_000  # runs with more characters / sessions are queried per request instead of indexed
 
 
@@ -167,29 +159,8 @@ class DashboardData:
 
     def runs(self) -> list[dict[str, Any]]:
         with self._reader() as rd:
-            runs = rd.query("SELECT * FROM runs ORDER BY started_at DESC NULLS LAST, run_id")
-            stats = rd.query("SELECT run_id, stage, rows_out, prompt_tokens, completion_tokens, shards_done "
-                             "FROM stage_stats")
-            fails = {r["run_id"]: r["n"] for r in rd.query(
-                "SELECT run_id, count(*) AS n FROM shards WHERE status = 'failed' GROUP BY run_id")}
-        by_run: dict[str, list[dict]] = {}
-        for s in stats:
-            by_run.setdefault(s["run_id"], []).append(s)
-        out = []
-        for r in runs:
-            st = sorted(by_run.get(r["run_id"], []), key=lambda s: _stage_key(s["stage"]))
-            produced = [s for s in st if s["shards_done"]]
-            out.append({
-                "run_id": r["run_id"], "dataset": r["dataset"], "status": r["status"],
-                "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"]),
-                "duration_s": _seconds(r["started_at"], r["finished_at"]),
-                "last_stage": produced[-1]["stage"] if produced else None,
-                "rows": (produced[-1]["rows_out"] or 0) if produced else 0,
-                "tokens": sum((s["prompt_tokens"] or 0) + (s["completion_tokens"] or 0) for s in st),
-                "failed_shards": fails.get(r["run_id"], 0), "error": r["error"],
-                "flow_run_id": r["flow_run_id"], "prefect_url": prefect_run_url(r["flow_run_id"]),
-            })
-        return out
+            runs = rd.run_summaries()
+        return [{**_jsonable(r), "prefect_url": prefect_run_url(r["flow_run_id"])} for r in runs]
 
     def _run_row(self, rd: CatalogReader, run_id: str) -> dict[str, Any]:
         check_run_id(run_id)
@@ -203,62 +174,36 @@ class DashboardData:
             self._run_row(rd, run_id)
             rows = rd.query("SELECT DISTINCT stage FROM shards WHERE run_id = ? UNION "
                             "SELECT DISTINCT stage FROM stage_stats WHERE run_id = ?", [run_id, run_id])
-        return sorted((r["stage"] for r in rows), key=_stage_key)
+        return sorted((r["stage"] for r in rows), key=stage_sort_key)
 
     def run(self, run_id: str) -> dict[str, Any]:
         with self._reader() as rd:
             run = self._run_row(rd, run_id)
-            stats = {s["stage"]: s for s in rd.stage_stats(run_id)}
             shards = rd.shards(run_id)
-            models = rd.query("SELECT model_id, base_model, status, metrics, created_at FROM models "
-                              "WHERE run_id = ? ORDER BY created_at", [run_id])
-            evals = rd.query("SELECT eval_id, model, language, metric, value, n, created_at FROM evaluations "
-                             "WHERE run_id = ? ORDER BY model, language, metric", [run_id])
-            from flows.report import run_notes, timeline, what_changed
-
-            changes, notes = what_changed(rd, run_id), run_notes(rd, run_id)
+            stages = rd.stage_summaries(run_id, shards=shards)
+            models, evals = rd.models(run_id), rd.evaluations(run_id)
+            extras = show_extras(rd, run_id)  # the same notes, changes and run metrics as `ditto show`
         by_stage: dict[str, list[dict]] = {}
-        for s in shards:
-            by_stage.setdefault(s["stage"], []).append(s)
-        stages = []
-        for name in sorted(set(stats) | set(by_stage), key=_stage_key):
-            st = stats.get(name, {})
-            sh = by_stage.get(name, [])
-            seconds = float(st.get("seconds") or 0)
-            ctoks = st.get("completion_tokens") or 0
-            m = st.get("metrics") or {}
-            m = json.loads(m) if isinstance(m, str) else m
-            wall = m.get("wall_s") or 0  # tok/s over the stage's wall time, not the sum of shard seconds
-            stages.append({
-                "stage": name, "rows_in": st.get("rows_in") or 0, "rows_out": st.get("rows_out") or 0,
-                "dropped": st.get("dropped") or {}, "requests": st.get("requests") or 0,
-                "prompt_tokens": st.get("prompt_tokens") or 0, "completion_tokens": ctoks,
-                "format_failures": st.get("format_failures") or 0, "seconds": round(seconds, 2),
-                "tokens_per_second": m.get("completion_tokens_per_wall_s") if wall else None,
-                "rows_per_second": round((st.get("rows_out") or 0) / wall, 2) if wall else None,
-                "wall_s": round(wall, 1) if wall else None, "engine": m.get("engine") or {},
-                "resampled": m.get("resampled") or (m.get("engine") or {}).get("resampled") or 0,
-                "timeline": timeline(sh),
-                "shards_total": len(sh),
-                "shards": {k: sum(1 for x in sh if x["status"] == k) for k in ("done", "failed", "running", "pending")},
-                "shards_reused": sum(1 for x in sh if x["reused_from"]),
-                "grid": [{"shard": x["shard"], "status": x["status"], "rows": x["rows"],
-                          "rejected_rows": x["rejected_rows"], "attempts": x["attempts"], "error": x["error"],
-                          "reused_from": x["reused_from"],
-                          "seconds": _seconds(x["started_at"], x["finished_at"]) if x["finished_at"] else None}
-                         for x in sh],
-            })
+        for x in shards:
+            by_stage.setdefault(x["stage"], []).append(x)
+        for st in stages:  # per shard: the timeline and the grid of the run page
+            sh = by_stage.get(st["stage"], [])
+            st["timeline"] = timeline(sh)
+            st["grid"] = [{"shard": x["shard"], "status": x["status"], "rows": x["rows"],
+                           "rejected_rows": x["rejected_rows"], "attempts": x["attempts"], "error": x["error"],
+                           "reused_from": x["reused_from"],
+                           "seconds": duration_s(x["started_at"], x["finished_at"]) if x["finished_at"] else None}
+                          for x in sh]
         config = json.loads(run["config"]) if run.get("config") else {}
         info = _jsonable({k: v for k, v in run.items() if k != "config"})
-        info["duration_s"] = _seconds(run["started_at"], run["finished_at"])
+        info["duration_s"] = duration_s(run["started_at"], run["finished_at"])
         info["prefect_url"] = prefect_run_url(run["flow_run_id"])
-        src = (stats.get(STAGE_ORDER[0]) or {}).get("metrics") or {}
-        info["metrics"] = (json.loads(src) if isinstance(src, str) else src).get("run") or {}
-        for m in models:
-            m["metrics"] = json.loads(m["metrics"]) if m["metrics"] else {}
-        return {"run": info, "config": config, "stages": stages, "models": [_jsonable(m) for m in models],
+        info["metrics"] = extras["run_metrics"]
+        return {"run": info, "config": config, "stages": stages,
+                "models": [_jsonable({k: m[k] for k in MODEL_COLUMNS}) for m in models],
                 "evaluations": [_jsonable(e) for e in evals],
-                "has_sessions": bool(self._session_paths(run_id)), "changes": changes, "notes": notes}
+                "has_sessions": bool(self._session_paths(run_id)), "changes": extras["changes"],
+                "notes": extras["notes"]}
 
     # -- Parquet ----------------------------------------------------------------------------
     def _session_paths(self, run_id: str) -> list[str]:

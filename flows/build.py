@@ -552,7 +552,7 @@ class _Runner:
                 self.maybe_prepare(d)
 
     def finish_stage(self, name: str) -> None:
-        from flows.report import stage_metrics
+        from storage.report import stage_metrics
 
         rows = self.cat.shards(self.run_id, name)
         eng = self.engines.delta(name) if self.engines is not None and get_stage(name).uses_engine else None
@@ -566,7 +566,7 @@ class _Runner:
     def record_run_metrics(self, names: list[str]) -> None:
         """Run-level metrics (all stages together, the engines over this invocation), kept under `run` in
         the source stage's metrics."""
-        from flows.report import run_metrics
+        from storage.report import run_metrics
 
         eng = self.engines.delta(None) if self.engines is not None else None
         m = run_metrics({n: self.cat.shards(self.run_id, n) for n in names}, eng.as_dict() if eng else None)
@@ -714,7 +714,7 @@ def build(cfg: RunConfig, run_id: str, home: Path, names: list[str], fresh: bool
 def _publish_changes(cat: Catalog, run_id: str, dataset: str) -> None:
     """The "what changed" report against the dataset's previous run, as a Prefect artifact."""
     from flows.artifacts import publish_changes
-    from flows.report import what_changed
+    from storage.report import what_changed
 
     try:
         publish_changes(run_id, dataset, what_changed(cat, run_id))

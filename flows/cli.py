@@ -169,15 +169,14 @@ def _summary_table(run_id: str, stages: list[dict]) -> Table:
     for col in ("stage", "shards", "failed", "reused", "rows in", "rows out", "dropped", "tokens", "seconds"):
         t.add_column(col, justify="left" if col in ("stage", "dropped") else "right")
     for s in stages:
-        dropped = s.get("dropped") or {}
-        if isinstance(dropped, str):
-            dropped = json.loads(dropped)
-        t.add_row(*map(_t, (s["stage"], f"{s.get('shards_done', 0)}/{s.get('shards_total', 0)}",
-                            s.get("shards_failed", 0), s.get("shards_reused", 0), s.get("rows_in", 0),
-                            s.get("rows_out", 0), ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "-",
-                            (s.get("prompt_tokens") or 0) + (s.get("completion_tokens") or 0),
-                            f"{s.get('seconds') or 0:.1f}")))
+        t.add_row(*map(_t, (s["stage"], f"{s['shards']['done']}/{s['shards_total']}", s["shards"]["failed"],
+                            s["reused"], s["rows_in"], s["rows_out"], _dropped(s), s["prompt_tokens"]
+                            + s["completion_tokens"], f"{s['seconds']:.1f}")))
     return t
+
+
+def _dropped(stage: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(stage["dropped"].items())) or "-"
 
 
 def _run_and_report(fn, home: str | None, as_json: bool, verbose: bool, **kwargs: Any) -> None:
@@ -226,13 +225,10 @@ def _run_and_report(fn, home: str | None, as_json: bool, verbose: bool, **kwargs
         _fail(failure, code)
     with CatalogReader(h) as rd:
         run = rd.run(run_id) if run_id else None
-        stages = rd.stage_stats(run_id) if run_id else []
+        stages = rd.stage_summaries(run_id) if run_id else []
     if as_json:
         _print_json({"run": run, "stages": stages})
     elif run:
-        from flows.stages import STAGE_ORDER
-
-        stages.sort(key=lambda s: STAGE_ORDER.index(s["stage"]) if s["stage"] in STAGE_ORDER else 99)
         out.print(_summary_table(run_id, stages))
         out.print(_t(f"status: {run['status']}   home: {h}   `ditto show {run_id}` for details"))
     raise typer.Exit(code)
@@ -271,9 +267,7 @@ def rerun(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False, verbose: 
 def runs(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List runs (a run whose process died shows as `interrupted`)."""
     with _reader(home) as rd:
-        rows = rd.query("SELECT r.run_id, r.status, r.dataset, r.started_at, r.finished_at, r.num_shards, "
-                        "(SELECT count(*) FROM shards s WHERE s.run_id=r.run_id AND s.status='failed') AS failed_shards "
-                        "FROM runs r ORDER BY started_at DESC")
+        rows = rd.run_summaries()
     if as_json:
         _print_json(rows)
         return
@@ -290,59 +284,22 @@ def runs(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 def run_details(home: str | None, run_id: str, verify: bool = False) -> dict[str, Any]:
     from flows.build import resolve_home
-    from flows.stages import STAGE_ORDER
-    from storage.shards import shard_problem
+    from storage.report import show_extras
 
     _check_run_id(run_id)
     with _reader(home) as rd:
         run = rd.run(run_id)
         if run is None:
             _fail(f"no run {run_id!r} in {resolve_home(home)}", 2)
-        shards = rd.shards(run_id)
-        stats = {s["stage"]: s for s in rd.stage_stats(run_id)}
-        models = rd.query("SELECT * FROM models WHERE run_id=?", [run_id])
-        evals = rd.query("SELECT eval_id, model, language, metric, value, n FROM evaluations WHERE run_id=?", [run_id])
-        from flows.report import show_extras
-
+        stages = rd.stage_summaries(run_id, verify=verify)
+        models, evals = rd.models(run_id), rd.evaluations(run_id)
         extras = show_extras(rd, run_id)  # notes (empty stages, warnings) and what changed since the last run
-    stages = []
-    for name in sorted({s["stage"] for s in shards} | set(stats), key=lambda s: (STAGE_ORDER + [s]).index(s)):
-        ss = [s for s in shards if s["stage"] == name]
-        st = stats.get(name, {})
-        damaged = [{"shard": s["shard"], "problem": p} for s in ss if s["status"] == "done"
-                   and (p := shard_problem(s, check_hash=verify))]
-        stages.append({
-            "stage": name,
-            "shards": {k: sum(1 for s in ss if s["status"] == k) for k in ("pending", "running", "done", "failed")},
-            "reused": sum(1 for s in ss if s["reused_from"]),
-            "rows": sum(s["rows"] or 0 for s in ss if s["status"] == "done"),
-            "rejected": sum(s["rejected_rows"] or 0 for s in ss if s["status"] == "done"),
-            "rows_in": st.get("rows_in", 0), "rows_out": st.get("rows_out", 0), "dropped": st.get("dropped", {}),
-            "requests": st.get("requests", 0), "prompt_tokens": st.get("prompt_tokens", 0),
-            "completion_tokens": st.get("completion_tokens", 0), "format_failures": st.get("format_failures", 0),
-            "seconds": st.get("seconds", 0.0), "metrics": st.get("metrics", {}),
-            **_cache_counts(ss),
-            "errors": [{"shard": s["shard"], "error": s["error"], "attempts": s["attempts"]}
-                       for s in ss if s["status"] == "failed"],
-            "damaged": damaged,
-        })
     run = dict(run)
     run["config"] = json.loads(run["config"]) if run.get("config") else None
     from tasks.filters.funnel import funnel
 
     return _jsonable({"run": run, "stages": stages, "models": models, "evaluations": evals,
                       "funnel": funnel(stages), **extras})
-
-
-def _cache_counts(shards: list[dict]) -> dict[str, int]:
-    """Generation-cache hits and misses of the shards this run computed (a reused shard asked nothing)."""
-    hits = misses = 0
-    for s in shards:
-        if s["status"] == "done" and not s["reused_from"] and s.get("stats"):
-            st = json.loads(s["stats"]) if isinstance(s["stats"], str) else s["stats"]
-            hits += st.get("cache_hits", 0) or 0
-            misses += st.get("cache_misses", 0) or 0
-    return {"cache_hits": hits, "cache_misses": misses}
 
 
 @app.command()
@@ -369,9 +326,8 @@ def show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False,
     for s in d["stages"]:
         cache = f"{s['cache_hits']}/{s['cache_misses']}" if s["cache_hits"] or s["cache_misses"] else "-"
         t.add_row(*map(_t, (s["stage"], s["shards"]["done"], s["shards"]["failed"], s["reused"], s["rows_in"],
-                            s["rows_out"], s["rejected"],
-                            ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "-",
-                            s["prompt_tokens"] + s["completion_tokens"], cache, f"{s['seconds']:.1f}")))
+                            s["rows_out"], s["rejected"], _dropped(s), s["prompt_tokens"] + s["completion_tokens"],
+                            cache, f"{s['seconds']:.1f}")))
     out.print(t)
     from tasks.filters.funnel import funnel_lines
 
@@ -620,11 +576,27 @@ def model_prepare() -> None:
     out.print(str(prepare_bundled_model()))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler cancelling the run, `kill`): unwinds like Ctrl-C, so the engines close (vLLM's
+    engine-core process would otherwise outlive the run), Prefect's temporary server stops and the catalog
+    keeps every finished shard; `ditto rerun <run>` continues."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 def main() -> None:
     # before anything imports prefect or vllm: their log levels are read at import
     _quiet_prefect("--verbose" in sys.argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
+    except Terminated:
+        console.print("terminated (SIGTERM): finished shards are kept; `ditto rerun <run>` continues")
+        sys.exit(143)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)

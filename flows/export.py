@@ -15,8 +15,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.stages import STAGE_ORDER
 from models.base import table_rows
+from models.stages import STAGE_ORDER
 from storage.layout import validate_run_id
 from storage.reader import CatalogReader, ShardDamaged
 from storage.shards import _fsync_dir, read_table

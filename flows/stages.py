@@ -17,9 +17,8 @@ import importlib.util
 from functools import cache
 from pathlib import Path
 
+from models.stages import STAGE_ORDER
 from tasks.base import SourceStage, Stage
-
-STAGE_ORDER = ["characters", "queries", "responses", "filter", "dedup", "sft_data"]
 
 STAGES: dict[str, str] = {
     "characters": "tasks.characters:CharactersStage",

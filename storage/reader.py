@@ -3,29 +3,38 @@ catalog: it reads the Parquet snapshot the flow refreshes after each change, nev
 
 Each table is a view over its snapshot partitions (read lazily: a year of history costs a reader only
 the partitions its query touches), with the stored relative paths made absolute under this home, and
-a run left `running` by a process that died shown as `interrupted`."""
+a run left `running` by a process that died shown as `interrupted`.
+
+It is the one reader API: `run_summaries` (`ditto runs`, the dashboard's run list), `stage_summaries`
+(`ditto show`, the dashboard's run page), `models`, `evaluations`; the report over a run (what changed,
+notes, metrics) is storage/report.py."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from models.stages import stage_sort_key
 from storage.catalog import (
     CATALOG_FILE,
     LEGACY_SHARD_PATH,
     PATH_COLUMNS,
     SCHEMA,
+    SHARD_STATUSES,
     SNAPSHOT_DIR,
     TABLES,
     CatalogError,
     catalog_held,
+    now,
     read_snapshot_sql,
     snapshot_exists,
     snapshot_files,
 )
+from storage.report import stats_of
 from storage.shards import shard_problem
 
 
@@ -113,6 +122,54 @@ class CatalogReader:
             r["metrics"] = json.loads(r["metrics"]) if r.get("metrics") else {}
         return rows
 
+    def run_summaries(self) -> list[dict[str, Any]]:
+        """Every run, newest first: its record (without the config), `failed_shards`, `duration_s` (to now
+        while running), the last stage that produced shards (`last_stage`) and its `rows` (rows_out), and
+        `tokens` (prompt + completion, all stages)."""
+        runs = self.query(
+            "SELECT r.* EXCLUDE (config), (SELECT count(*) FROM shards s WHERE s.run_id = r.run_id AND "
+            "s.status = 'failed') AS failed_shards FROM runs r ORDER BY r.started_at DESC NULLS LAST, r.run_id")
+        by_run: dict[str, list[dict]] = {}
+        for s in self.query("SELECT run_id, stage, rows_out, prompt_tokens, completion_tokens, shards_done "
+                            "FROM stage_stats"):
+            by_run.setdefault(s["run_id"], []).append(s)
+        for r in runs:
+            stages = sorted(by_run.get(r["run_id"], []), key=lambda s: stage_sort_key(s["stage"]))
+            produced = [s for s in stages if s["shards_done"]]
+            r["duration_s"] = duration_s(r["started_at"], r["finished_at"])
+            r["last_stage"] = produced[-1]["stage"] if produced else None
+            r["rows"] = (produced[-1]["rows_out"] or 0) if produced else 0
+            r["tokens"] = sum((s["prompt_tokens"] or 0) + (s["completion_tokens"] or 0) for s in stages)
+        return runs
+
+    def stage_summaries(self, run_id: str, verify: bool = False,
+                        shards: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Per stage of the run, in DAG order: shards by status (`shards`, `shards_total`, `reused`), the done
+        shards' `rows` and `rejected` rows, the stage_stats totals (rows_in, rows_out, dropped, requests,
+        tokens, format_failures, seconds, metrics), timing from the metrics (`wall_s`, `tokens_per_second`
+        and `rows_per_second` over the wall time, `engine`, `resampled`), generation-cache hits and misses,
+        the failed shards' `errors`, and the done shards whose files are `damaged` (missing or another size;
+        `verify=True` hashes them too). `shards`: the run's shard rows, where the caller has them already."""
+        shards = self.shards(run_id) if shards is None else shards
+        stats = {s["stage"]: s for s in self.stage_stats(run_id)}
+        by_stage: dict[str, list[dict]] = {}
+        for s in shards:
+            by_stage.setdefault(s["stage"], []).append(s)
+        return [_stage_summary(name, by_stage.get(name, []), stats.get(name, {}), verify)
+                for name in sorted(set(by_stage) | set(stats), key=stage_sort_key)]
+
+    def models(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's registered models, oldest first, `metrics` and `config` as dicts."""
+        rows = self.query("SELECT * FROM models WHERE run_id = ? ORDER BY created_at", [run_id])
+        for r in rows:
+            for col in ("metrics", "config"):
+                r[col] = json.loads(r[col]) if r[col] else {}
+        return rows
+
+    def evaluations(self, run_id: str) -> list[dict[str, Any]]:
+        return self.query("SELECT eval_id, model, language, metric, value, n, created_at FROM evaluations "
+                          "WHERE run_id = ? ORDER BY model, language, metric", [run_id])
+
     def damaged(self, run_id: str, stage: str | None = None, check_hash: bool = True) -> list[dict[str, Any]]:
         """The run's done shards whose files are missing, truncated or corrupted: {stage, shard, problem}."""
         out = []
@@ -155,3 +212,38 @@ def damaged_message(run_id: str, bad: list[dict[str, Any]]) -> str:
     more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
     return (f"run {run_id}: {len(bad)} registered shard(s) are damaged: {shown}{more}. "
             f"`ditto rerun {run_id}` rebuilds them")
+
+
+def duration_s(start: datetime | None, end: datetime | None) -> float | None:
+    """Seconds from start to end (to now when not ended), one decimal; None without a start."""
+    if start is None:
+        return None
+    return round(((end or now()) - start).total_seconds(), 1)
+
+
+def _stage_summary(name: str, shards: list[dict], st: dict[str, Any], verify: bool) -> dict[str, Any]:
+    done = [s for s in shards if s["status"] == "done"]
+    metrics = st.get("metrics") or {}
+    wall = metrics.get("wall_s") or 0  # per second of the stage's wall time, not of the summed shard seconds
+    engine = metrics.get("engine") or {}
+    computed = [stats_of(s) for s in done if not s["reused_from"]]  # a reused shard asked no engine
+    return {
+        "stage": name,
+        "shards": {k: sum(1 for s in shards if s["status"] == k) for k in SHARD_STATUSES},
+        "shards_total": len(shards),
+        "reused": sum(1 for s in shards if s["reused_from"]),
+        "rows": sum(s["rows"] or 0 for s in done),
+        "rejected": sum(s["rejected_rows"] or 0 for s in done),
+        **{k: st.get(k) or 0 for k in ("rows_in", "rows_out", "requests", "prompt_tokens", "completion_tokens",
+                                       "format_failures")},
+        "seconds": float(st.get("seconds") or 0.0), "dropped": st.get("dropped") or {}, "metrics": metrics,
+        "wall_s": round(wall, 1) if wall else None,
+        "tokens_per_second": metrics.get("completion_tokens_per_wall_s") if wall else None,
+        "rows_per_second": round((st.get("rows_out") or 0) / wall, 2) if wall else None,
+        "engine": engine, "resampled": metrics.get("resampled") or engine.get("resampled") or 0,
+        "cache_hits": sum(x.get("cache_hits") or 0 for x in computed),
+        "cache_misses": sum(x.get("cache_misses") or 0 for x in computed),
+        "errors": [{"shard": s["shard"], "error": s["error"], "attempts": s["attempts"]}
+                   for s in shards if s["status"] == "failed"],
+        "damaged": [{"shard": s["shard"], "problem": p} for s in done if (p := shard_problem(s, check_hash=verify))],
+    }

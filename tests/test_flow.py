@@ -304,7 +304,7 @@ def test_rerun_finishes_what_the_last_invocation_asked_for(tmp_path, fake_overri
 
 
 def test_more_shards_than_characters_warns_and_show_says_so(tmp_path, fake_overrides):
-    from flows.report import run_notes
+    from storage.report import run_notes
 
     home = tmp_path / "h"
     s = run_build(overrides=[*fake_overrides, "runner.num_shards=32"], home=home, until="characters")
@@ -318,7 +318,7 @@ def test_more_shards_than_characters_warns_and_show_says_so(tmp_path, fake_overr
 
 
 def test_what_changed_against_the_previous_run_of_the_dataset(tmp_path, fake_overrides, chars_file):
-    from flows.report import what_changed
+    from storage.report import what_changed
 
     home = tmp_path / "h"
     first = run_build(overrides=fake_overrides, home=home, until="queries")["run_id"]

@@ -141,7 +141,7 @@ def test_stage_keys_differ_by_code_hash():
     ([(5, 6), (0, 10)], 10.0), ([(0, 1), (1, 2)], 2.0), ([(3, 2)], 0.0),
 ])
 def test_interval_union(intervals, total):
-    from flows.report import interval_union
+    from storage.report import interval_union
 
     assert interval_union(intervals) == pytest.approx(total)
 
@@ -154,7 +154,7 @@ def _row(shard, started, ended, tokens=100, reused=None, **stats):
 
 
 def test_stage_metrics_divide_tokens_by_the_stage_wall_time_not_the_sum_of_shard_seconds():
-    from flows.report import stage_metrics
+    from storage.report import stage_metrics
 
     rows = [_row(0, 100.0, 110.0, resampled=2, cache_hits=3, cached_completion_tokens=40), _row(1, 102.0, 112.0),
             _row(2, 50.0, 51.0, tokens=999, reused="old-run"),  # a reused shard: the earlier run's work
