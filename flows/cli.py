@@ -517,6 +517,39 @@ def eval_cmd(run_id: str, model: Annotated[list[str] | None, typer.Option(
     out.print(_t(f"report: {res.get('report')}  plot: {res.get('plot')}"))
 
 
+@app.command()
+def crosssup(generator: Annotated[list[str], typer.Option(
+                 "--generator", help="generator model (name or path); repeat: one dataset each")],
+             student: Annotated[list[str], typer.Option(
+                 "--student", help="student model; repeat: each is fine-tuned on every generator's data")],
+             config: Annotated[Path | None, typer.Argument(help="run config YAML (default: the product defaults)")] = None,
+             home: HomeOpt = None,
+             set_: Annotated[list[str] | None, typer.Option("--set", help="override: key.path=value")] = None,
+             prefix: Annotated[str, typer.Option(help="run ids are PREFIX-<generator>")] = "xsup",
+             as_json: JsonOpt = False, verbose: bool = False) -> None:
+    """The paper's cross-supervision grid: students (rows) x data generators (columns), before and after."""
+    from flows.build import resolve_home
+    from flows.crosssup import crosssup_flow
+    from models.config import ConfigError
+
+    _check_run_id(prefix)
+    with _errors(), _json_stdout(as_json):
+        try:
+            res = crosssup_flow(home=str(resolve_home(home)), generators=generator, students=student,
+                                config_path=str(config) if config else None, overrides=set_ or [], run_prefix=prefix)
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        finally:
+            from engines.base import close_engines
+
+            close_engines()
+    if as_json:
+        _print_json(res)
+        return
+    out.print(_t(res["table"]), highlight=False)
+    out.print(_t(f"grid: {res['path']}"))
+
+
 def _port_free(host: str, port: int) -> str | None:
     """None if (host, port) can be bound, else why not."""
     import socket

@@ -1,6 +1,8 @@
 """Flow `evaluate`: base model vs fine-tuned (or any list of models) on the run's held-out characters, or
 on the paper's WikiRoleEval file. Results go to the catalog's `evaluations` table, and a Markdown table
-and a PNG plot to `<home>/runs/<run_id>/eval/<eval_id>/`.
+and a PNG plot to `<home>/runs/<run_id>/eval/<eval_id>/`. Each model's judged answers are a catalog artifact
+(storage/artifacts.py) under a content key (eval set, eval settings, judge, seed, the model and its
+weights): a whole registered one is reused, from any run; a missing or damaged one is evaluated again.
 
 A model spec is a model id from the catalog's `models` table (its folder is used), `base` (the run's
 student before training), or any model name/path the engines accept.
@@ -20,7 +22,9 @@ from models.config import RunConfig
 from models.config.engine import EngineConfig
 from models.eval_records import EvalItem, EvalResult
 from models.ids import content_hash
+from storage import artifacts
 from storage.catalog import Catalog
+from storage.layout import RunLayout
 from storage.reader import CatalogReader
 from storage.shards import read_table, write_table
 from tasks.evaluate import EvalError, build_eval_set, evaluate_model, items_hash, report_markdown, report_plot
@@ -82,6 +86,14 @@ def resolve_models(reader: CatalogReader, run_id: str, config: RunConfig, models
     return out
 
 
+def _answer_engine(config: RunConfig, model_path: str) -> EngineConfig:
+    """The engine that answers as the model under test: the run's engine with that model (and eval.engine_kind)."""
+    ev = config.eval
+    engine = config.engine.model_copy(update={"model": model_path, **({"kind": ev.engine_kind} if ev.engine_kind
+                                                                       else {})})
+    return EngineConfig.model_validate(engine.model_dump())
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-80:] or "model"
 
@@ -98,29 +110,43 @@ def run_evaluation(run_id: str, home: str | Path, models: list[str] | None = Non
         items_config = run_config(reader, items_run_id, overrides) if items_run_id else config
         items = load_eval_items(reader, items_run_id or run_id, items_config)
         specs = resolve_models(reader, run_id, config, models)
-    ev = config.eval
-    judge = ev.judge or (config.engine if ev.judge_enabled else None)
-    eval_id = content_hash({"run": run_id, "items": items_hash(items), "eval": ev.model_dump(mode="json"),
-                            "judge": judge.model_dump(mode="json") if judge else None})
-    out_dir = home / "runs" / run_id / "eval" / eval_id
+        weights = {r["path"]: r["sha256"] for r in reader.query("SELECT path, sha256 FROM artifacts WHERE kind=?",
+                                                               [artifacts.MODEL])}
+        ev = config.eval
+        judge = ev.judge or (config.engine if ev.judge_enabled else None)
+        setting = {"items": items_hash(items), "eval": ev.model_dump(mode="json"), "seed": config.seed,
+                   "judge": judge.model_dump(mode="json") if judge else None}
+        plans = []
+        for name, model_path in specs:
+            engine = _answer_engine(config, model_path)
+            # a model's results: the evaluation settings, the model as the engine loads it, and (a registered
+            # model) its weights' content: a model trained again at the same path is evaluated again
+            key = content_hash({**setting, "model": name, "engine": engine.model_dump(mode="json"),
+                                "weights": weights.get(model_path)})
+            plans.append((name, model_path, engine, key, artifacts.find(reader, artifacts.EVALUATION, key)[0]))
+    eval_id = content_hash({"run": run_id, "items": setting["items"], "eval": setting["eval"],
+                            "judge": setting["judge"]})
+    out_dir = RunLayout(home, run_id).eval(eval_id)
     write_table(to_table(items, EvalItem), out_dir / "items.parquet")
     by_model: dict[str, list[dict[str, Any]]] = {}
     files: dict[str, str] = {}
-    for name, model_path in specs:
-        done = out_dir / f"results-{_slug(name)}.parquet"
-        answer_engine = config.engine.model_copy(update={"model": model_path, **(
-            {"kind": ev.engine_kind} if ev.engine_kind else {})})
-        answer_engine = EngineConfig.model_validate(answer_engine.model_dump())
-        if done.exists():  # resumable: a model already evaluated with the same eval id is not redone
+    for name, model_path, answer_engine, key, found in plans:
+        built = None
+        if found is not None:  # evaluated before with the same key (this run or another): not redone
             from tasks.evaluate import aggregate
 
+            done = Path(found.path)
             rows = aggregate(from_table(read_table(done), EvalResult), items)
         else:
+            done = out_dir / f"results-{_slug(name)}.parquet"
             results, rows = evaluate_model(items, name, answer_engine, ev, judge, seed=config.seed)
             write_table(to_table(results, EvalResult), done)
+            built = artifacts.Artifact.of(artifacts.EVALUATION, key, run_id, done, meta={"model": name})
         for r in rows:
             r["details"] = {**r["details"], "model_path": model_path, "eval_set": items[0].source if items else ""}
         with Catalog(home, wait_seconds=30) as cat:
+            if built is not None:
+                cat.register_artifact(built)
             cat.add_evaluation(eval_id, run_id, name, rows)
         by_model[name] = rows
         files[name] = str(done)

@@ -1,13 +1,13 @@
 """Supervised fine-tuning on sft_data shards with TRL's SFTTrainer, driven by TrainConfig.
 
 Sessions are tokenized here from their `messages` with the student's chat template, labels -100 on
-every non-assistant token (`tasks.sft_data.assistant_token_mask`), and handed to SFTTrainer already
-tokenized. Checkpoints go to `out_dir/checkpoint-N`; a rerun resumes from the newest one. The final
-model is written to `out_dir/final` (LoRA: adapters merged; the adapter alone in `out_dir/adapter`), then
-`out_dir/result.json`; a folder with result.json is done and is not trained again.
+every non-assistant token (`tasks.chat_template.assistant_token_mask`), and handed to SFTTrainer already
+tokenized. Checkpoints go to `out_dir/checkpoint-N`; a call resumes from the newest one. The final model is
+written to `out_dir/final` (LoRA: adapters merged; the adapter alone in `out_dir/adapter`).
 
-This function never touches the catalog: the flow registers the result (flows/train.py).
-Multi-GPU: `accelerate launch --config_file deploy/accelerate/fsdp.yaml -m tasks.train --home H --run-id R`.
+This module never touches the catalog: the flow (flows/train.py) plans (`TrainPlan`), looks the model up
+in the catalog under its key (`train_hash`) and registers the result. Multi-GPU: the flow runs
+`accelerate launch -m tasks.train --plan PLAN.json --result RESULT.json` and registers what it hands back.
 """
 
 from __future__ import annotations
@@ -23,9 +23,23 @@ from pydantic import BaseModel, Field
 
 from models.config.train import TrainConfig
 from models.ids import content_hash
-from tasks.sft_data import assistant_token_mask, read_examples
+from storage.layout import RunLayout
+from tasks.chat_template import assistant_token_mask
+from tasks.sft_data import read_examples
 
-RESULT = "result.json"
+
+class TrainPlan(BaseModel):
+    """Everything one training needs, planned by the flow from the catalog (and handed to a launched
+    subprocess as JSON)."""
+
+    train: TrainConfig
+    paths: list[str] = Field(description="the run's sft_data shard files")
+    base_model: str = Field(description="the student model as configured (name or path)")
+    seed: int = Field(description="the training seed (train.seed, else the run seed)")
+    run_id: str
+    data_hash: str
+    key: str = Field(description="train_hash: the model's content key")
+    out_dir: str
 
 
 class TrainResult(BaseModel):
@@ -37,7 +51,8 @@ class TrainResult(BaseModel):
     data_hash: str
     train_hash: str
     out_dir: str
-    resumed_from: str | None = None
+    resumed_from: str | None = Field(None, description="the checkpoint training resumed from")
+    reused_from: str | None = Field(None, description="the run whose registered model this is (not trained again)")
     metrics: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
 
@@ -49,15 +64,14 @@ def data_hash(paths: list[str | Path]) -> str:
 
 
 def train_hash(config: TrainConfig, base_model: str, data_digest: str) -> str:
-    """The training folder's key: data, student model and every setting that changes the weights."""
-    cfg = config.model_dump(mode="json", exclude={"enabled", "output_name", "launcher", "accelerate_config",
-                                                  "num_processes", "save_steps", "save_total_limit",
-                                                  "logging_steps"})
+    """The model's key: data, student model and every setting that changes the weights (all but the fields
+    marked `weights=False` in TrainConfig)."""
+    cfg = config.model_dump(mode="json", exclude=TrainConfig.not_weights())
     return content_hash({"data": data_digest, "model": base_model, "train": cfg})
 
 
 def train_dir(home: str | Path, run_id: str, key: str) -> Path:
-    return Path(home) / "runs" / run_id / "train" / key
+    return RunLayout(Path(home), run_id).train(key)
 
 
 def model_id_for(config: TrainConfig, run_id: str, key: str, base_model: str) -> str:
@@ -115,35 +129,27 @@ def _resolve(model: str) -> str:
     return resolve_model(model)
 
 
-def train_model(config: TrainConfig, data_paths: list[str | Path], out_dir: str | Path, *, base_model: str,
-                seed: int = 0, run_id: str = "", resume: bool = True, force: bool = False,
-                callbacks: list | None = None, data_digest: str | None = None) -> TrainResult:
-    """Fine-tune `config.model or base_model` on the train split of the sft_data shards at `data_paths`."""
+def train_model(plan: TrainPlan, *, resume: bool = True, callbacks: list | None = None) -> TrainResult:
+    """Fine-tune `plan.base_model` on the train split of the sft_data shards at `plan.paths`, in
+    `plan.out_dir` (resuming from its newest checkpoint unless `resume=False`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(out_dir)
-    student = config.model or base_model
-    digest = data_digest or data_hash(data_paths)
-    key = train_hash(config, student, digest)
-    if (out / RESULT).is_file() and not force:
-        return TrainResult.model_validate_json((out / RESULT).read_text())
-    if force and out.exists():
-        shutil.rmtree(out)
+    out = Path(plan.out_dir)
+    config, student, seed = plan.train, plan.base_model, plan.seed
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    seed = config.seed if config.seed is not None else seed
     set_seed(seed)
     path = _resolve(student)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = read_examples(data_paths)
+    examples = read_examples(plan.paths)
     train_rows = [e for e in examples if e.split == "train"]
     val_rows = [e for e in examples if e.split == "validation"]
     if not train_rows:
-        raise ValueError(f"no training examples in {len(data_paths)} sft_data shard(s)")
+        raise ValueError(f"no training examples in {len(plan.paths)} sft_data shard(s)")
     train_ds = tokenize_examples(train_rows, tokenizer, config.max_seq_length)
     val_ds = tokenize_examples(val_rows, tokenizer, config.max_seq_length) if val_rows and config.eval_validation \
         else None
@@ -159,16 +165,9 @@ def train_model(config: TrainConfig, data_paths: list[str | Path], out_dir: str 
                                  target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
     scheduler, scheduler_kwargs = _scheduler(config)
     args = SFTConfig(
-        output_dir=str(out), num_train_epochs=config.epochs, max_steps=config.max_steps,
-        learning_rate=config.learning_rate, lr_scheduler_type=scheduler, lr_scheduler_kwargs=scheduler_kwargs,
-        warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-        per_device_train_batch_size=config.per_device_batch_size,
-        per_device_eval_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, max_length=config.max_seq_length,
-        packing=config.packing, bf16=bf16, fp16=fp16, gradient_checkpointing=config.gradient_checkpointing,
-        seed=seed, data_seed=seed, save_strategy="steps", save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit, logging_steps=config.logging_steps, report_to="none",
-        eval_strategy="no", dataset_num_proc=None, disable_tqdm=True)
+        **config.sft_kwargs(), output_dir=str(out), lr_scheduler_type=scheduler, lr_scheduler_kwargs=scheduler_kwargs,
+        bf16=bf16, fp16=fp16, seed=seed, data_seed=seed, save_strategy="steps", report_to="none", eval_strategy="no",
+        dataset_num_proc=None, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     resumed_from = last_checkpoint(out) if resume else None
@@ -197,16 +196,11 @@ def train_model(config: TrainConfig, data_paths: list[str | Path], out_dir: str 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    result = TrainResult(
-        model_id=model_id_for(config, run_id, key, student), model_path=str(final),
-        adapter_path=str(adapter) if adapter else None, base_model=student, base_model_path=path, data_hash=digest,
-        train_hash=key, out_dir=str(out), resumed_from=resumed_from, metrics=metrics,
+    return TrainResult(
+        model_id=model_id_for(config, plan.run_id, plan.key, student), model_path=str(final),
+        adapter_path=str(adapter) if adapter else None, base_model=student, base_model_path=path,
+        data_hash=plan.data_hash, train_hash=plan.key, out_dir=str(out), resumed_from=resumed_from, metrics=metrics,
         config=config.model_dump(mode="json"))
-    if trainer.is_world_process_zero():
-        tmp_result = out / f".{RESULT}.tmp"
-        tmp_result.write_text(result.model_dump_json(indent=1))
-        os.replace(tmp_result, out / RESULT)
-    return result
 
 
 def _merge_adapter(base_path: str, adapter: Path, dest: Path, merge: bool) -> None:
@@ -224,19 +218,17 @@ def _merge_adapter(base_path: str, adapter: Path, dest: Path, merge: bool) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for `accelerate launch -m tasks.train`: reads the run's config and sft_data shard paths from
-    the catalog snapshot (read-only), trains, writes result.json. The flow registers the result."""
+    """Entry point for `accelerate launch -m tasks.train`: trains the plan the flow wrote, and (process 0)
+    hands the result back in `--result` for the flow to register."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--home", required=True)
-    p.add_argument("--run-id", required=True)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override key.path=value")
+    p.add_argument("--plan", required=True, help="TrainPlan JSON written by flows/train.py")
+    p.add_argument("--result", required=True, help="where process 0 writes the TrainResult JSON")
     args = p.parse_args(argv)
-    from flows.train import plan_training
-
-    plan = plan_training(args.run_id, args.home, args.overrides)
-    train_model(plan["config"].train, plan["paths"], args.out_dir, base_model=plan["base_model"],
-                seed=plan["config"].seed, run_id=args.run_id, data_digest=plan["data_hash"])
+    result = train_model(TrainPlan.model_validate_json(Path(args.plan).read_text()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        tmp = Path(f"{args.result}.tmp")
+        tmp.write_text(result.model_dump_json(indent=1))
+        os.replace(tmp, args.result)
     return 0
 
 

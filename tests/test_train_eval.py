@@ -62,8 +62,11 @@ def test_two_step_full_training_changes_weights_saves_reloads_and_registers(trai
     assert row["model_id"] == result.model_id and row["path"] == str(final)
     assert row["base_model"] == str(tiny_model_dir) and row["data_hash"] == result.data_hash
     assert json.loads(row["metrics"])["global_step"] == 2
-    again = run_training("r1", train_home)  # done folder: not trained twice
-    assert again.model_path == result.model_path and again.metrics == result.metrics
+    with CatalogReader(train_home) as reader:
+        (art,) = reader.query("SELECT * FROM artifacts WHERE kind='model'")
+    assert art["key"] == result.train_hash and art["path"] == str(final) and art["run_id"] == "r1"
+    again = run_training("r1", train_home)  # registered and whole: not trained twice
+    assert again.model_path == result.model_path and again.metrics == result.metrics and again.reused_from is None
 
 
 def test_training_resumes_from_the_last_checkpoint(train_home):
@@ -97,6 +100,112 @@ def test_accelerate_launcher_trains_in_a_subprocess(train_home):
     assert result.metrics["global_step"] == 2 and Path(result.model_path, "config.json").is_file()
     with CatalogReader(train_home) as reader:
         assert reader.query("SELECT model_id FROM models")[0]["model_id"] == result.model_id
+
+
+def _fake_training(monkeypatch) -> list[str]:
+    """train_model replaced by one that writes a small final folder: the flow's resume logic without torch.
+    Returns the out_dirs trained in."""
+    import flows.train
+    from tasks.train import TrainResult
+
+    trained: list[str] = []
+
+    def fake(plan, **_):
+        trained.append(plan.out_dir)
+        final = Path(plan.out_dir) / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        (final / "model.safetensors").write_bytes(b"weights of " + plan.key.encode() * 64)
+        (final / "config.json").write_text("{}")
+        return TrainResult(model_id=f"{plan.run_id}-{plan.key}", model_path=str(final), base_model=plan.base_model,
+                           base_model_path=plan.base_model, data_hash=plan.data_hash, train_hash=plan.key,
+                           out_dir=plan.out_dir, metrics={"global_step": len(trained)})
+
+    monkeypatch.setattr(flows.train, "train_model", fake)
+    return trained
+
+
+def test_a_registered_model_resumes_from_the_catalog_across_runs_and_a_damaged_one_is_retrained(
+        tmp_path, tiny_run_config, monkeypatch):
+    trained = _fake_training(monkeypatch)
+    home = tmp_path / "h"
+    chars = make_characters()
+    for run in ("r1", "r2"):  # two runs with the same sft data
+        build_run(home, run, characters=chars, sessions=make_sessions(chars), config=tiny_run_config())
+    first = run_training("r1", home)
+    assert len(trained) == 1 and run_training("r1", home).model_path == first.model_path and len(trained) == 1
+    reused = run_training("r2", home)  # same data, student and settings: the registered model is reused
+    assert len(trained) == 1 and reused.model_path == first.model_path and reused.reused_from == "r1"
+    assert reused.model_id.startswith("r2-") and reused.metrics == first.metrics
+    with CatalogReader(home) as reader:
+        row = reader.query("SELECT * FROM models WHERE run_id='r2'")[0]
+    assert row["path"] == first.model_path and json.loads(row["config"])["reused_from"] == "r1"
+
+    weights = Path(first.model_path) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"!")  # damaged in place: same size, other bytes
+    rebuilt = run_training("r2", home)
+    assert len(trained) == 2 and "/runs/r2/" in rebuilt.model_path and rebuilt.reused_from is None
+    with CatalogReader(home) as reader:
+        (art,) = reader.query("SELECT run_id, path FROM artifacts WHERE kind='model'")
+    assert art == {"run_id": "r2", "path": rebuilt.model_path}
+    assert run_training("r1", home).reused_from == "r2" and len(trained) == 2  # r1 now reuses r2's rebuild
+
+    changed = run_training("r2", home, ["train.learning_rate=0.01"])  # another key: trained anew
+    assert len(trained) == 3 and changed.train_hash != rebuilt.train_hash
+    assert run_training("r2", home, ["train.logging_steps=5"]).train_hash == rebuilt.train_hash  # not weights
+    assert len(trained) == 3
+    assert run_training("r2", home, force=True) and len(trained) == 4
+
+
+@pytest.mark.parametrize("field", sorted(TrainConfig.model_fields))
+def test_train_hash_covers_exactly_the_fields_that_change_the_weights(field):
+    """train_hash's exclusions come from the fields' `weights=False` metadata: changing such a field keeps the
+    key, changing any other changes it."""
+    a = TrainConfig()
+    value = getattr(a, field)
+    other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v / 2 if v else 0.5,
+             str: lambda v: v + "x"}.get(type(value))
+    if field == "lora":
+        b = a.model_copy(update={"lora": a.lora.model_copy(update={"r": 8})})
+    elif field in ("method", "lr_scheduler", "precision", "launcher"):
+        b = a.model_copy(update={field: {"method": "lora", "lr_scheduler": "linear", "precision": "bf16",
+                                         "launcher": "accelerate"}[field]})
+    elif value is None:
+        b = a.model_copy(update={field: {"model": "m2", "seed": 7, "accelerate_config": "c.yaml",
+                                         "num_processes": 2}[field]})
+    else:
+        b = a.model_copy(update={field: other(value)})
+    same = train_hash(a, "m", "d") == train_hash(b, "m", "d")
+    assert same == (field in TrainConfig.not_weights()), field
+    assert TrainConfig.not_weights() >= {"enabled", "output_name", "save_steps", "launcher"}
+
+
+def test_sft_config_is_derived_from_the_train_config_metadata():
+    import dataclasses
+
+    from trl import SFTConfig
+
+    cfg = TrainConfig(epochs=2.0, per_device_batch_size=3, max_seq_length=512, warmup_ratio=0.2)
+    kwargs = cfg.sft_kwargs()
+    assert set(kwargs) <= {f.name for f in dataclasses.fields(SFTConfig)}  # every target is a real SFTConfig field
+    assert kwargs["num_train_epochs"] == 2.0 and kwargs["max_length"] == 512
+    assert kwargs["per_device_train_batch_size"] == kwargs["per_device_eval_batch_size"] == 3
+    assert kwargs["warmup_steps"] == 0.2  # transformers 5: a warmup_steps below 1 is a share of the steps
+    args = SFTConfig(output_dir="unused", report_to="none", bf16=False, **kwargs)
+    assert args.get_warmup_steps(100) == 20
+    # the fields TRL takes in another form are computed by tasks/train.py; every other field maps by metadata
+    computed = {"enabled", "model", "method", "lora", "lr_scheduler", "min_lr_ratio", "precision", "seed",
+                "eval_validation", "output_name", "launcher", "accelerate_config", "num_processes"}
+    mapped = {n for n, f in TrainConfig.model_fields.items() if (f.json_schema_extra or {}).get("sft")}
+    assert mapped == set(TrainConfig.model_fields) - computed
+
+
+def test_tasks_train_does_not_import_flows():
+    import ast
+
+    tree = ast.parse(Path("tasks/train.py").read_text())
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [n for n in names if n.split(".")[0] == "flows"]
 
 
 def test_train_hash_and_schedule():

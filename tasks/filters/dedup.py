@@ -44,6 +44,7 @@ from models.base import Record, arrow_schema, to_table
 from models.config.dedup import DedupConfig
 from models.ids import content_hash
 from storage import artifacts
+from storage.layout import RunLayout
 from storage.shards import file_sha256, write_table
 from tasks.base import Prepared
 from tasks.filters.text import exact_hash, tokens
@@ -308,7 +309,7 @@ def prepare(dcfg: DedupConfig, home: Path, run_id: str, shards: dict[int, str]) 
     flow to register."""
     from storage.reader import CatalogReader
 
-    root = Path(home) / "runs" / run_id / "dedup_global"
+    root = RunLayout(home, run_id).dedup_global
     shard_ids = sorted(int(s) for s in shards)
     content = {s: file_sha256(shards[s]) for s in shard_ids}
     dec_key = content_hash({"dedup": dcfg.model_dump(mode="json", exclude={"workers"}), "algo": ALGO,
