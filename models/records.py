@@ -3,7 +3,8 @@ model id and sampling seed; every row keeps the ids it came from (`parents`)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -11,6 +12,16 @@ from models.base import Record
 
 Category = Literal["real", "fictional"]
 QueryKind = Literal["role_specific", "contrastive"]
+
+
+def character_row_id(row: Mapping[str, Any]) -> str:
+    """A character row's id in every later stage, `QID@language` (`Character.row_id` of a dict row)."""
+    return f"{row['id']}@{row['language']}"
+
+
+def base_id(character_row_id: str) -> str:
+    """'Q42@en' -> 'Q42': what a character's rows share across languages (split key, distractor exclusion)."""
+    return character_row_id.split("@", 1)[0]
 
 
 class Character(Record):
@@ -30,7 +41,7 @@ class Character(Record):
 
     @property
     def row_id(self) -> str:
-        return f"{self.id}@{self.language}"
+        return character_row_id({"id": self.id, "language": self.language})
 
 
 class GenerationMeta(Record):

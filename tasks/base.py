@@ -92,17 +92,26 @@ class StageContext:
     def seed(self) -> int:
         return self.config.seed
 
-    def reject(self, row_id: str, filter: str, reason: str, *, score: float | None = None,
+    def reject(self, out: ShardOutput, row_id: str, filter: str, reason: str, *, score: float | None = None,
                character_id: str = "", text: str = "") -> Rejection:
-        return Rejection(row_id=row_id, stage=self.stage, shard=self.shard, filter=filter, reason=reason,
-                         score=score, character_id=character_id, text=text[:4000])
+        """Drop a row with its reason: the Rejection goes to `out.rejects` and counts in
+        `out.stats.dropped[filter]`, so a stage never counts drops by hand (rows_in == rows_out + dropped)."""
+        rejection = Rejection(row_id=row_id, stage=self.stage, shard=self.shard, filter=filter, reason=reason,
+                              score=score, character_id=character_id, text=text[:4000])
+        out.rejects.append(rejection)
+        out.stats.dropped[filter] += 1
+        return rejection
 
 
 class Stage:
     name: ClassVar[str]
     output: ClassVar[type[Record]]
     inputs: ClassVar[dict[str, type[Record]]] = {}  # upstream stage -> the record type it must produce
-    uses_engine: ClassVar[bool] = False
+
+    def engine_configs(self, config: RunConfig) -> list[EngineConfig]:
+        """The engines this stage generates with under `config` (none: it asks no model). The flow loads them
+        when the run starts and accounts their requests under the stage's name."""
+        return []
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         """Everything that decides this stage's output besides its input rows: config section, prompt

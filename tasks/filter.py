@@ -19,8 +19,9 @@ from collections import Counter
 from typing import Any
 
 from models.config import RunConfig
+from models.config.engine import EngineConfig
 from models.config.filter import FilterConfig
-from models.records import Character, Rejection, Session, Turn
+from models.records import Character, Session, Turn, character_row_id
 from tasks import prompts
 from tasks.base import ShardOutput, Stage, StageContext, Stats
 from tasks.filters import Drop, Filter, Item
@@ -35,11 +36,7 @@ from tasks.filters.role import (
     OutOfRoleFilter,
     RefusalFilter,
 )
-from tasks.sessions import assemble_sessions
-
-
-def character_key(c: dict) -> str:
-    return f"{c['id']}@{c['language']}"
+from tasks.sessions import assemble_sessions, reject_short_session
 
 
 def _model_id(engine_cfg) -> str:
@@ -86,7 +83,10 @@ class FilterStage(Stage):
     name = "filter"
     output = Session
     inputs = {"responses": Turn, "characters": Character}
-    uses_engine = True  # the judge
+
+    def engine_configs(self, config: RunConfig) -> list[EngineConfig]:
+        fc = config.filter
+        return [judge_engine_config(fc.judge, config.engine)] if fc.enabled and fc.judge.enabled else []
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         fc = config.filter
@@ -105,14 +105,13 @@ class FilterStage(Stage):
     def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
         t0 = time.perf_counter()
         turns = inputs.get("responses") or []
-        characters = {character_key(c): c for c in inputs.get("characters") or []}
-        stats = Stats(rows_in=len(turns))
-        rejects: list[Rejection] = []
+        characters = {character_row_id(c): c for c in inputs.get("characters") or []}
+        out = ShardOutput(rows=[], stats=Stats(rows_in=len(turns)))
+        stats = out.stats
 
         def reject(it: Item, d: Drop) -> None:
-            stats.dropped[d.filter] += 1
-            rejects.append(ctx.reject(it.id, d.filter, d.reason, score=d.score,
-                                      character_id=it.row.get("character_id", ""), text=it.answer))
+            ctx.reject(out, it.id, d.filter, d.reason, score=d.score, character_id=it.row.get("character_id", ""),
+                       text=it.answer)
 
         alive: list[Item] = []
         for t in turns:
@@ -138,31 +137,24 @@ class FilterStage(Stage):
                 alive = nxt
                 if isinstance(f, JudgeFilter):
                     stats.extra["judge_errors"] = f.errors
-        sessions, dropped_sessions = self.sessions(ctx, characters, alive, stats, rejects)
+        sessions, dropped_sessions = self.sessions(ctx, characters, alive, out)
+        out.rows = sessions
         stats.rows_out = sum(len(s.turns) for s in sessions)
         stats.extra["sessions"] = len(sessions)
         stats.extra["sessions_dropped"] = dropped_sessions
         stats.extra["filter_seconds"] = timings
         stats.seconds = time.perf_counter() - t0
-        return ShardOutput(rows=sessions, rejects=rejects, stats=stats)
+        return out
 
     @staticmethod
-    def sessions(ctx: StageContext, characters: dict[str, dict], kept: list[Item], stats: Stats,
-                 rejects: list[Rejection]) -> tuple[list[Session], int]:
+    def sessions(ctx: StageContext, characters: dict[str, dict], kept: list[Item],
+                 out: ShardOutput) -> tuple[list[Session], int]:
         rows = [{**it.row, "answer": it.answer} for it in kept]
-        scores = {it.id: it.scores for it in kept}
-        sessions, too_short = assemble_sessions(characters, rows, ctx.config.sessions, scores)
-        short = set(too_short)
-        counts = Counter(it.row["character_id"] for it in kept)
+        sessions, _ = assemble_sessions(characters, rows, ctx.config.sessions, {it.id: it.scores for it in kept})
+        by_character: dict[str, list[tuple[str, str]]] = {}
         for it in kept:
-            cid = it.row["character_id"]
-            if cid in short:
-                stats.dropped["min_turns"] += 1
-                rejects.append(ctx.reject(
-                    it.id, "min_turns", f"session of {cid} kept {counts[cid]} turn(s) < min_turns "
-                                        f"{ctx.config.sessions.min_turns}; the session is dropped",
-                    score=float(counts[cid]), character_id=cid, text=it.answer))
-        return sessions, len(short)
+            by_character.setdefault(it.row["character_id"], []).append((it.id, it.answer))
+        return sessions, sum(reject_short_session(ctx, out, cid, turns) for cid, turns in by_character.items())
 
 
 def turn_passes(scores: dict[str, float], language: str, cfg: FilterConfig) -> str | None:

@@ -16,10 +16,14 @@ requests of this call are cancelled and the error is raised, failing this shard 
 a list gives each request its own parser (the queries stage validates against each call's own prompt).
 Stats: every generation is counted; `extra["resampled"]` counts re-submissions after a parse failure,
 `extra["request_retries"]` re-submissions after a transient error.
+
+`sampling_from(config.sampling, ...)` is the one way a stage turns a `SamplingConfig` into a `Sampling`, and
+`generation_meta(chat, outcome, engine, seed)` the one way a generated row records what produced it.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -27,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from engines.base import EngineClosed, Generation, Message, Sampling, is_transient
+from models.config.generation import SamplingConfig
+from models.records import GenerationMeta
 
 T = TypeVar("T")
 
@@ -48,6 +54,21 @@ class Outcome(Generic[T]):
     @property
     def last(self) -> Generation:
         return self.generations[-1]
+
+
+def sampling_from(config: SamplingConfig, **overrides: Any) -> Sampling:
+    """The request sampling of a config section (temperature, top_p, repetition_penalty, max_tokens), with
+    the request-level fields (json_schema, seed, n, ...) given here."""
+    return Sampling(**{**config.model_dump(), **overrides})
+
+
+def generation_meta(chat: list[Message], outcome: Outcome, engine: Any, seed: int | None) -> GenerationMeta:
+    """What produced a generated row: the chat sent, the last generation (the one kept), the attempts used."""
+    g = outcome.last
+    return GenerationMeta(prompt=json.dumps(chat, ensure_ascii=False), raw_output=g.text,
+                          prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
+                          finish_reason=g.finish_reason, model=g.model or engine.model_id, seed=seed,
+                          rounds=outcome.attempts)
 
 
 def next_attempt(sampling: Sampling, attempt: int) -> Sampling:

@@ -2,6 +2,7 @@
 (seeded, from the characters table, independent of the shard count); the model writes questions A can
 answer but B cannot, recorded as role_specific for A and contrastive (should be refused) for B. Invalid
 JSON is re-sampled per request, at once, up to `rounds` attempts (tasks/generation.py), then rejected.
+The prompt (tasks/prompts/queries.<lang>.txt) also sets how many tokens of A's and B's profiles it shows.
 
 Partners and sharding. The global step `prepare` reads the ids of every characters shard, draws each
 A's partners on a consistent-hash ring (`PartnerRing`: each character owns VNODES points; A's j-th draw
@@ -24,33 +25,31 @@ import hashlib
 import json
 import re
 from bisect import bisect_left
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from engines.base import Sampling
 from models.base import table_rows
 from models.config import RunConfig
+from models.config.engine import EngineConfig
 from models.ids import content_hash, row_id
-from models.records import Character, GenerationMeta, Query
+from models.records import Character, Query
+from models.records import character_row_id as _rid
+from storage.layout import RunLayout
 from storage.shards import read_table, write_table
 from tasks import prompts
 from tasks.base import ShardOutput, Stage, StageContext
 from tasks.filters.questions import Validate, question_check, reason_code, summarise
-from tasks.generation import generate_parsed
+from tasks.generation import generate_parsed, generation_meta, sampling_from
 from tasks.profile import profile_text
 
-AUTHOR_PROFILE_TOKENS = 600
-PARTNER_PROFILE_TOKENS = 250
 VNODES = 32  # ring points per character: each is drawn with probability close to 1/N (relative spread ~1/sqrt(32))
 ID_COLUMNS = ["id", "language"]
 PROMPT_COLUMNS = ["id", "language", "label", "description", "category", "summary", "article"]
-PARTNER_SCHEMA = pa.schema([("id", pa.string()), ("language", pa.string()), ("label", pa.string()),
-                            ("description", pa.string()), ("category", pa.string()),
-                            (f"profile_{AUTHOR_PROFILE_TOKENS}", pa.string()),
-                            (f"profile_{PARTNER_PROFILE_TOKENS}", pa.string())])
+PARTNER_COLUMNS = ["id", "language", "label", "description", "category"]
 
 
 def question_schema(n: int) -> dict[str, Any]:
@@ -207,13 +206,27 @@ def plan_pairs(rows: list[dict], k: int, seed: int) -> list[tuple[str, str]]:
     return [(a, b) for a in ring.rids for b in ring.partners(ring.rows[a], k)]
 
 
-def partner_fields(c: dict) -> dict[str, Any]:
-    """What a prompt needs of a character from another shard: the cut profiles are computed here, from the
-    full row, so a prompt is the same text whichever shard renders it."""
+def profile_budgets(language: str) -> tuple[int, int]:
+    """(author, partner) profile budgets in tokens: the `[part author_profile_tokens]` and
+    `[part partner_profile_tokens]` of the language's queries prompt."""
+    tpl = prompts.load("queries", language)
+    return tpl.int_part("author_profile_tokens"), tpl.int_part("partner_profile_tokens")
+
+
+def all_budgets(languages: Iterable[str]) -> list[int]:
+    """Every profile budget the prompts of these languages (and English, the fallback) cut to."""
+    return sorted({b for lang in {*languages, "en"} for b in profile_budgets(lang)})
+
+
+def partner_schema(budgets: list[int]) -> pa.Schema:
+    return pa.schema([(c, pa.string()) for c in PARTNER_COLUMNS] + [(f"profile_{b}", pa.string()) for b in budgets])
+
+
+def partner_fields(c: dict, budgets: list[int]) -> dict[str, Any]:
+    """What a prompt needs of a character from another shard: the profiles cut to every budget are computed
+    here, from the full row, so a prompt is the same text whichever shard renders it."""
     return {"id": c["id"], "language": c["language"], "label": c["label"], "description": c.get("description"),
-            "category": c.get("category"),
-            f"profile_{AUTHOR_PROFILE_TOKENS}": profile_text(c, AUTHOR_PROFILE_TOKENS)[0],
-            f"profile_{PARTNER_PROFILE_TOKENS}": profile_text(c, PARTNER_PROFILE_TOKENS)[0]}
+            "category": c.get("category"), **{f"profile_{b}": profile_text(c, b)[0] for b in budgets}}
 
 
 def _profile(c: dict, budget: int) -> str:
@@ -222,18 +235,16 @@ def _profile(c: dict, budget: int) -> str:
 
 
 def partners_path(home: Path, run_id: str, digest: str, shard: int) -> Path:
-    return Path(home) / "runs" / run_id / "prepare" / "queries" / digest / f"part-{shard:05d}.parquet"
-
-
-def _rid(c: dict) -> str:
-    return f"{c['id']}@{c['language']}"
+    return RunLayout(home, run_id).prepared("queries", digest, shard)
 
 
 class QueriesStage(Stage):
     name = "queries"
     output = Query
     inputs = {"characters": Character}
-    uses_engine = True
+
+    def engine_configs(self, config: RunConfig) -> list[EngineConfig]:
+        return [config.engine]
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         return {"queries": config.queries.model_dump(mode="json"), "seed": config.seed,
@@ -265,13 +276,14 @@ class QueriesStage(Stage):
                 needs[ka].add(b)
                 needs[kb].add(a)
         wanted = set().union(*needs.values()) if needs else set()
+        budgets = all_budgets({r["language"] for r in ids})
         fields: dict[str, dict[str, Any]] = {}
         for path in paths.values():
             if not wanted:
                 break
             for r in table_rows(read_table(path, columns=PROMPT_COLUMNS)):
                 if _rid(r) in wanted:
-                    fields[_rid(r)] = partner_fields(r)
+                    fields[_rid(r)] = partner_fields(r, budgets)
         out: dict[int, dict[str, Any]] = {}
         for k in paths:
             rows = [fields[r] for r in sorted(needs[k])]
@@ -280,15 +292,16 @@ class QueriesStage(Stage):
             if rows:
                 target = partners_path(home, run_id, digest, k)
                 if not target.exists():
-                    write_table(pa.Table.from_pylist(rows, schema=PARTNER_SCHEMA), target)
+                    write_table(pa.Table.from_pylist(rows, schema=partner_schema(budgets)), target)
                 target = str(target)
             out[k] = {"digest": digest, "pairs": [list(p) for p in pairs[k]], "partners": target}
         return out
 
     def build_messages(self, a: dict, b: dict, n: int) -> list[dict[str, str]]:
         tpl = prompts.load("queries", a["language"])
-        a_profile = _profile(a, AUTHOR_PROFILE_TOKENS)
-        b_profile = _profile(b, PARTNER_PROFILE_TOKENS)
+        a_budget, b_budget = profile_budgets(a["language"])
+        a_profile = _profile(a, a_budget)
+        b_profile = _profile(b, b_budget)
         return tpl.messages(a_label=a["label"], a_description=a.get("description") or "",
                             a_profile=prompts.fence_safe(a_profile), b_label=b["label"],
                             b_description=b.get("description") or "", b_profile=prompts.fence_safe(b_profile), n=n)
@@ -309,9 +322,8 @@ class QueriesStage(Stage):
         authors = {a for a, _ in plan}
         for c in chars:
             if _rid(c) not in authors:
-                out.rejects.append(ctx.reject(_rid(c), "no_partner", "no other character in the run to pair with",
-                                              character_id=_rid(c)))
-                out.stats.dropped["no_partner"] += 1
+                ctx.reject(out, _rid(c), "no_partner", "no other character in the run to pair with",
+                           character_id=_rid(c))
         missing = sorted({r for p in plan for r in p} - set(by_rid))
         if missing:
             raise ValueError(f"queries shard {ctx.shard}: the pair plan names characters that are neither in this "
@@ -320,10 +332,7 @@ class QueriesStage(Stage):
         if not pairs:
             return out
         engine = ctx.engine()
-        sp = ctx.config.queries.sampling
-        sampling = Sampling(temperature=sp.temperature, top_p=sp.top_p, repetition_penalty=sp.repetition_penalty,
-                            max_tokens=sp.max_tokens,
-                            json_schema=question_schema(cfg.questions) if cfg.guided_json else None)
+        sampling = sampling_from(cfg.sampling, json_schema=question_schema(cfg.questions) if cfg.guided_json else None)
         chats = [self.build_messages(a, b, cfg.questions) for a, b in pairs]
         checks = [question_check(ctx.config.filter.questions, a, b, chats[i]) for i, (a, b) in enumerate(pairs)]
         drops: list[list[tuple[str, str]]] = [[] for _ in pairs]  # the questions the latest attempt dropped
@@ -339,22 +348,15 @@ class QueriesStage(Stage):
         for i, res in enumerate(outcomes):
             a, b = pairs[i]
             for q, why in drops[i] if _rid(a) in here else ():  # counted once, in the author's shard
-                code = f"question.{reason_code(why)}"
-                out.rejects.append(ctx.reject(row_id("question", _rid(a), _rid(b), content_hash(q, 8)), code, why,
-                                              character_id=_rid(a), text=q))
-                out.stats.dropped[code] += 1
+                ctx.reject(out, row_id("question", _rid(a), _rid(b), content_hash(q, 8)), f"question.{reason_code(why)}",
+                           why, character_id=_rid(a), text=q)
             out.stats.format_failures += res.attempts - (1 if res.ok else 0)
             if not res.ok:
-                out.rejects.append(ctx.reject(row_id("pair", _rid(a), _rid(b)), "format",
-                                              f"no valid question JSON after {cfg.rounds} rounds: {res.error}",
-                                              character_id=_rid(a), text=res.last.text))
-                out.stats.dropped["format"] += 1
+                ctx.reject(out, row_id("pair", _rid(a), _rid(b)), "format",
+                           f"no valid question JSON after {cfg.rounds} rounds: {res.error}",
+                           character_id=_rid(a), text=res.last.text)
                 continue
-            g = res.last
-            meta = GenerationMeta(prompt=json.dumps(chats[i], ensure_ascii=False), raw_output=g.text,
-                                  prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
-                                  finish_reason=g.finish_reason, model=g.model or engine.model_id,
-                                  seed=ctx.config.engine.seed, rounds=res.attempts)
+            meta = generation_meta(chats[i], res, engine, ctx.config.engine.seed)
             for j, q in enumerate(res.value):
                 for kind, who in (("role_specific", a), ("contrastive", b)):
                     if _rid(who) not in here:

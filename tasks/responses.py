@@ -1,21 +1,21 @@
 """Stage `responses`: the paper's T_R. The full profile is in the prompt (reading comprehension); the
 character answers in role, refusing in role when a (contrastive) question lies outside its identity.
 Each turn is one request, all submitted at once (tasks/generation.py), so the engine never waits for a
-shard's slowest answer before taking more work. Long profiles are cut to `max_profile_tokens`, flagged."""
+shard's slowest answer before taking more work. Long profiles are cut to `max_profile_tokens`, flagged.
+The prompt (tasks/prompts/responses.<lang>.txt) holds the alias and no-claims fragments too."""
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from engines.base import Sampling
 from models.config import RunConfig
+from models.config.engine import EngineConfig
 from models.ids import row_id
-from models.records import Character, GenerationMeta, Query, Turn
+from models.records import Character, Query, Turn, character_row_id
 from tasks import prompts
 from tasks.base import ShardOutput, Stage, StageContext
-from tasks.generation import generate_parsed
+from tasks.generation import generate_parsed, generation_meta, sampling_from
 from tasks.profile import profile_text
 
 
@@ -30,11 +30,11 @@ def build_messages(character: dict, question: str, max_profile_tokens: int) -> t
     tpl = prompts.load("responses", character["language"])
     profile, truncated = profile_text(character, max_profile_tokens)
     aliases = [a for a in (character.get("aliases") or []) if a][:5]
-    sep = "，又名" if tpl.language == "zh" else ", also known as "
-    claims = (character.get("claims") or "").strip() or ("（无）" if tpl.language == "zh" else "(none)")
+    claims = (character.get("claims") or "").strip() or tpl.part("no_claims")
     msgs = tpl.messages(label=character["label"], description=(character.get("description") or "").rstrip(".。"),
-                        aliases=(sep + ", ".join(aliases)) if aliases else "", claims=prompts.fence_safe(claims[:1500]),
-                        profile=prompts.fence_safe(profile), question=question)
+                        aliases=tpl.part("aliases").format(names=", ".join(aliases)) if aliases else "",
+                        claims=prompts.fence_safe(claims[:1500]), profile=prompts.fence_safe(profile),
+                        question=question)
     return msgs, truncated
 
 
@@ -42,7 +42,9 @@ class ResponsesStage(Stage):
     name = "responses"
     output = Turn
     inputs = {"queries": Query, "characters": Character}
-    uses_engine = True
+
+    def engine_configs(self, config: RunConfig) -> list[EngineConfig]:
+        return [config.engine]
 
     def fingerprint(self, config: RunConfig) -> dict[str, Any]:
         return {"responses": config.responses.model_dump(mode="json"),
@@ -51,7 +53,7 @@ class ResponsesStage(Stage):
 
     def run(self, ctx: StageContext, inputs: dict[str, list[dict]]) -> ShardOutput:
         cfg = ctx.config.responses
-        chars = {f"{c['id']}@{c['language']}": c for c in inputs["characters"]}
+        chars = {character_row_id(c): c for c in inputs["characters"]}
         out = ShardOutput(rows=[])
         queries = inputs["queries"]
         out.stats.rows_in = len(queries)
@@ -59,30 +61,23 @@ class ResponsesStage(Stage):
         for q in queries:
             ch = chars.get(q["character_id"])
             if ch is None:
-                out.rejects.append(ctx.reject(q["id"], "lineage", f"character {q['character_id']} not in this shard",
-                                              character_id=q["character_id"], text=q["question"]))
-                out.stats.dropped["lineage"] += 1
+                ctx.reject(out, q["id"], "lineage", f"character {q['character_id']} not in this shard",
+                           character_id=q["character_id"], text=q["question"])
                 continue
             msgs, truncated = build_messages(ch, q["question"], cfg.max_profile_tokens)
             jobs.append((q, ch, msgs, truncated))
         if not jobs:
             return out
         engine = ctx.engine()
-        sp = cfg.sampling
-        sampling = Sampling(temperature=sp.temperature, top_p=sp.top_p, repetition_penalty=sp.repetition_penalty,
-                            max_tokens=sp.max_tokens)
-        outcomes = generate_parsed(engine, [m for _, _, m, _ in jobs], sampling, lambda g: g, stats=out.stats)
+        outcomes = generate_parsed(engine, [m for _, _, m, _ in jobs], sampling_from(cfg.sampling), lambda g: g,
+                                   stats=out.stats)
         for (q, ch, msgs, truncated), res in zip(jobs, outcomes, strict=True):
-            g = res.last
-            answer = clean_answer(g.text, ch["label"])
+            answer = clean_answer(res.last.text, ch["label"])
             out.rows.append(Turn(
                 id=row_id("turn", q["id"]), query_id=q["id"], character_id=q["character_id"],
                 language=q["language"], kind=q["kind"], question=q["question"], answer=answer,
                 profile_truncated=truncated, parents=[q["id"], q["character_id"]],
-                gen=GenerationMeta(prompt=json.dumps(msgs, ensure_ascii=False), raw_output=g.text,
-                                   prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
-                                   finish_reason=g.finish_reason, model=g.model or engine.model_id,
-                                   seed=ctx.config.engine.seed)))
+                gen=generation_meta(msgs, res, engine, ctx.config.engine.seed)))
             if truncated:
                 out.stats.extra["profiles_truncated"] = out.stats.extra.get("profiles_truncated", 0) + 1
         out.stats.rows_out = len(out.rows)

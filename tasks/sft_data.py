@@ -3,29 +3,22 @@
 The system message is the session's brief introduction (never the profile). The train/validation split
 is by character (the base QID, so a character's en and zh sessions fall on the same side), from a hash
 of the run seed and the id: stable from run to run, and no character is on both sides. The loss mask
-(assistant tokens only) is built at training time by `assistant_token_mask`.
+(assistant tokens only) is built at training time by `tasks.chat_template.assistant_token_mask`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
-from models.base import from_table
+from models.base import arrow_schema, from_table
 from models.config import RunConfig
 from models.ids import row_id
-from models.records import ChatMessage, Session, SFTExample
+from models.records import ChatMessage, Session, SFTExample, base_id
 from tasks.base import ShardOutput, Stage, StageContext
-
-CHATML = "chatml"  # built-in ChatML renderer, no tokenizer (the fake engine's default)
-
-
-def base_id(character_id: str) -> str:
-    """'Q42@en' -> 'Q42': the split key shared by a character's sessions in every language."""
-    return character_id.split("@", 1)[0]
+from tasks.chat_template import CHATML, get_renderer
 
 
 def split_of(character_id: str, seed: int, validation_fraction: float) -> str:
@@ -42,51 +35,15 @@ def session_messages(session: dict) -> list[dict[str, str]]:
     return msgs
 
 
-# -- chat-template rendering ----------------------------------------------------------------------
-class ChatRenderer:
-    """Renders messages with a tokenizer's chat template and counts tokens; `chatml` needs no tokenizer."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.tokenizer = None
-        if name != CHATML:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"tokenizer {name} has no chat template; set sft.chat_template_model")
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        if self.tokenizer is None:
-            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def count(self, text: str) -> int:
-        if self.tokenizer is None:
-            return len(text.split())
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-_renderers: dict[str, ChatRenderer] = {}
-_renderers_lock = threading.Lock()
-
-
-def get_renderer(name: str) -> ChatRenderer:
-    """One tokenizer per process and model, shared by every shard."""
-    with _renderers_lock:
-        if name not in _renderers:
-            _renderers[name] = ChatRenderer(name)
-        return _renderers[name]
-
-
 def template_model_name(config: RunConfig) -> str:
     """The model whose chat template renders SFT text (unresolved: a name, for the shard hash)."""
     if config.sft.chat_template_model:
         return config.sft.chat_template_model
     if config.train.model:
         return config.train.model
-    if config.engine.kind == "fake":
+    from engines.base import engine_class
+
+    if not engine_class(config.engine.kind).has_model:  # the dry run: no model, so no chat template
         return CHATML
     return config.engine.model
 
@@ -97,35 +54,6 @@ def resolve_template_model(name: str) -> str:
     from engines.bundled import resolve_model
 
     return resolve_model(name)
-
-
-def assistant_token_mask(tokenizer, messages: list[dict[str, str]], max_length: int | None = None
-                         ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a conversation: labels are the token ids on assistant turns (their text and
-    end-of-turn marker) and -100 elsewhere. Spans come from rendering each prefix of the conversation, so
-    any chat template works (SmolLM2's has no {% generation %} markers, which TRL's assistant_only_loss
-    needs)."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start_text = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        end_text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not full.startswith(start_text) or not full.startswith(end_text):
-            raise ValueError("chat template does not render conversations prefix by prefix; cannot mask turns")
-        spans.append((len(start_text), len(end_text)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels = [-100] * len(ids)
-    for k, (a, b) in enumerate(enc["offset_mapping"]):
-        if b <= a:
-            continue
-        if any(s <= a < e for s, e in spans):
-            labels[k] = ids[k]
-    if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return ids, labels
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -148,8 +76,7 @@ class SFTDataStage(Stage):
         frac = ctx.config.sft.validation_fraction
         for s in sessions:
             if not s.get("turns"):
-                out.rejects.append(ctx.reject(s["id"], "empty", "session has no turns", character_id=s["character_id"]))
-                out.stats.dropped["empty"] += 1
+                ctx.reject(out, s["id"], "empty", "session has no turns", character_id=s["character_id"])
                 continue
             msgs = session_messages(s)
             text = renderer.render(msgs)
@@ -209,6 +136,14 @@ def _card(card_info: dict[str, Any], counts: dict[str, dict[str, int]], tokens: 
     return "\n".join(lines) + "\n"
 
 
+def hf_features():
+    """The Hugging Face `Features` of an exported example: derived from `SFTExample` (through its Arrow schema,
+    the one the shards are written with), never restated."""
+    import datasets
+
+    return datasets.Features.from_arrow_schema(arrow_schema(SFTExample))
+
+
 def export_hf(paths: list[str | Path], out_dir: str | Path, card_info: dict[str, Any] | None = None) -> Path:
     """Export sft_data shards as a Hugging Face dataset: `out_dir/hf` (save_to_disk), `out_dir/data/<split>-
     00000-of-00001.parquet` (the Hub's layout), `out_dir/README.md` (dataset card) and `out_dir/export.json`
@@ -224,13 +159,7 @@ def export_hf(paths: list[str | Path], out_dir: str | Path, card_info: dict[str,
         row = ex.model_dump()
         row["messages"] = [dict(m) for m in row["messages"]]
         by_split.setdefault(ex.split, []).append(row)
-    features = datasets.Features({
-        "id": datasets.Value("string"), "session_id": datasets.Value("string"),
-        "character_id": datasets.Value("string"), "language": datasets.Value("string"),
-        "split": datasets.Value("string"),
-        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-        "text": datasets.Value("string"), "num_tokens": datasets.Value("int64"),
-        "parents": [datasets.Value("string")]})
+    features = hf_features()
     dd = datasets.DatasetDict({s: datasets.Dataset.from_list(rows, features=features)
                                for s, rows in sorted(by_split.items())})
     dd.save_to_disk(str(out / "hf"))

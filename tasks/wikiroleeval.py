@@ -16,6 +16,7 @@ from typing import Any
 
 from models.eval_records import Candidate, EvalItem
 from models.ids import row_id
+from models.records import character_row_id
 
 
 class WikiRoleEvalError(ValueError):
@@ -112,8 +113,9 @@ def import_wikiroleeval(path: str | Path) -> list[EvalItem]:
         session_id = row_id("wikiroleeval", n, label, lang)
         for i, q in enumerate(prompts):
             items.append(EvalItem(
-                id=row_id(session_id, i), session_id=session_id, turn=i, character_id=f"{char_id}@{lang}",
-                label=str(label), description=description, language=lang,
+                id=row_id(session_id, i), session_id=session_id, turn=i,
+                character_id=character_row_id({"id": char_id, "language": lang}), label=str(label),
+                description=description, language=lang,
                 category=str(_field(rec, "category", default="")), system=str(system), question=q,
                 should_refuse=bool(int(labels[i])) if i < len(labels) and labels[i] is not None else False,
                 evidence=_evidence(evidence, i), summary=str(_field(rec, "summary", default="")),

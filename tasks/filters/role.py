@@ -10,7 +10,7 @@ built on them. Each filter has its own name (the rejection's `filter`) and reaso
 - first_person: a role-specific answer that describes its own character in the third person;
 - refusal: contrastive turns must be refused in role, role-specific ones must not be.
 
-`tasks/evaluate.py` measures its judge-free out-of-role rate and refusal accuracy with the same
+`tasks/evaluate/` measures its judge-free out-of-role rate and refusal accuracy with the same
 `RoleClassifier` and `RefusalClassifier`, so the metric sees what the filter drops.
 """
 

@@ -1,10 +1,13 @@
 """Prompt templates as data: one file per stage and language, `[system]` and `[user]` sections,
-str.format fields. A template's hash enters the shard key of every row it produced."""
+str.format fields, and `[part NAME]` sections for the other texts (and numbers) the stage puts into its
+prompt: the judge's expected behaviour per turn kind, the responses' alias and no-claims fragments, the
+queries' profile budgets. A section runs from its header line to the next header. A template's hash
+(every section) enters the shard key of every row it produced."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -20,10 +23,22 @@ class Template:
     language: str
     system: str
     user: str
+    parts: dict[str, str] = field(default_factory=dict)
 
     @property
     def sha(self) -> str:
-        return content_hash([self.system, self.user])
+        return content_hash([self.system, self.user, *([self.parts] if self.parts else [])])
+
+    def part(self, name: str) -> str:
+        if name not in self.parts:
+            raise KeyError(f"prompt {self.name}.{self.language}: no [part {name}] section")
+        return self.parts[name]
+
+    def int_part(self, name: str) -> int:
+        text = self.part(name).strip()
+        if not text.isdigit():
+            raise ValueError(f"prompt {self.name}.{self.language}: [part {name}] must be a whole number, not {text!r}")
+        return int(text)
 
     def messages(self, **fields: str) -> list[dict[str, str]]:
         msgs = []
@@ -41,12 +56,26 @@ def load(name: str, language: str) -> Template:
     if not path.exists():
         path = PROMPTS / f"{name}.en.txt"
         language = "en"
-    text = path.read_text(encoding="utf-8")
-    if "[user]" not in text:
+    sections: dict[str, str] = {}
+    current: str | None = None
+    lines: list[str] = []
+    for line in [*path.read_text(encoding="utf-8").split("\n"), "[end]"]:
+        head = _HEADER.match(line)
+        if head is None:
+            lines.append(line)
+            continue
+        if current is not None:
+            if current in sections:
+                raise ValueError(f"{path}: section [{current}] given twice")
+            sections[current] = "\n".join(lines).strip("\n")
+        current, lines = head.group(1), []
+    if "user" not in sections:
         raise ValueError(f"{path}: a template needs a [user] section")
-    head, user = text.split("[user]", 1)
-    system = head.split("[system]", 1)[1] if "[system]" in head else ""
-    return Template(name, language, system.strip("\n"), user.strip("\n"))
+    parts = {k.removeprefix("part "): v for k, v in sections.items() if k.startswith("part ")}
+    return Template(name, language, sections.get("system", ""), sections["user"], parts)
+
+
+_HEADER = re.compile(r"^\[(system|user|part [a-z0-9_.]+|end)\]\s*$")
 
 
 def fingerprint(name: str, languages: list[str]) -> dict[str, str]:
