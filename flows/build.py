@@ -47,7 +47,8 @@ from models.ids import content_hash, shard_of
 from models.jobs import Action, ShardJob, ShardRecord, ShardResult, SourceJob, SourceResult, plan_shard
 from models.records import Rejection
 from storage.catalog import Catalog
-from storage.shards import clean_temp_files, file_sha256, read_table, shard_is_whole, shard_path, write_table
+from storage.layout import RunLayout
+from storage.shards import clean_run_temp_files, file_sha256, read_table, shard_is_whole, write_table
 from tasks.base import SourceStage, Stage, StageContext, Stats
 from tasks.sources.dump_snapshot import register_snapshots, snapshot_job
 
@@ -120,7 +121,7 @@ def _write_rejects(rejects: list[Rejection], home: Path, run_id: str, stage: str
     if not rejects:
         return None, 0
     fixed = [r.model_copy(update={"shard": shard, "stage": stage}) for r in rejects]
-    path = shard_path(home, run_id, stage, input_hash, shard, kind="rejected")
+    path = RunLayout(home, run_id).shard(stage, input_hash, shard, kind="rejected")
     write_table(to_table(fixed, Rejection), path)
     return str(path), len(fixed)
 
@@ -150,7 +151,7 @@ def execute_shard(job: ShardJob | dict[str, Any]) -> ShardResult:
     with metrics_label(job.stage):
         out = stage.run(ctx, inputs)
     out.stats.seconds = time.perf_counter() - t0
-    path = shard_path(home, job.run_id, job.stage, job.input_hash, job.shard)
+    path = RunLayout(home, job.run_id).shard(job.stage, job.input_hash, job.shard)
     nbytes = write_table(to_table(out.rows, stage.output), path)
     rejects_path, n_rejects = _write_rejects(out.rejects, home, job.run_id, job.stage, job.input_hash, job.shard)
     stats = {**out.stats.as_dict(), "started": round(started, 3), "ended": round(time.time(), 3)}
@@ -190,7 +191,7 @@ def collect_source(job: SourceJob | dict[str, Any]) -> SourceResult:
         table = to_table(part, stage.output)
         h = content_hash({"stage": job.stage, "fp": job.fingerprint, "version": job.code, "shard": k, "n": n,
                           "rows": content_hash(table.to_pylist(), 32)})
-        path = shard_path(home, job.run_id, job.stage, h, k)
+        path = RunLayout(home, job.run_id).shard(job.stage, h, k)
         nbytes = path.stat().st_size if path.exists() else write_table(table, path)
         rpath, nrej = _write_rejects(rej_parts[k], home, job.run_id, job.stage, h, k)
         st = Stats(rows_in=len(part) + len(rej_parts[k]), rows_out=len(part), seconds=seconds / n)
@@ -409,7 +410,7 @@ class _Runner:
             rejected = sum(m.rejected_rows for m in res.shards)
             raise RunFailed(f"run {self.run_id}: stage {name} selected no row from {stage.describe_input(self.cfg)} "
                             f"({rejected} rejected, reasons in `ditto show {self.run_id}` and "
-                            f"{self.home}/runs/{self.run_id}/rejected/{name}); check the {name} section of the config")
+                            f"{RunLayout(self.home, self.run_id).rejects(name)}); check the {name} section of the config")
 
     def code(self, name: str) -> str:
         if name not in self.codes:
@@ -668,7 +669,7 @@ def build(cfg: RunConfig, run_id: str, home: Path, names: list[str], fresh: bool
           flow_run_id: str | None = None, resume: bool = False) -> dict[str, Any]:
     """The DAG body: the source, then the pipelined stages; register shards, finish the run's record."""
     with Catalog(home) as cat:
-        clean_temp_files(home / "runs" / run_id)
+        clean_run_temp_files(home, run_id)
         prev = cat.get_run(run_id)
         if prev and prev["config_hash"] != cfg.config_hash() and not resume:
             raise ConfigError(f"run {run_id} exists with another config (hash {prev['config_hash']}); "

@@ -16,18 +16,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.layout import REJECTED_DIR, RunLayout
+
 TMP_PREFIX = ".tmp-"
 # the names write_table's mkstemp gives: .tmp-part-00017.parquet.<random>; cleanup deletes only these
 TMP_NAME_RE = re.compile(r"^\.tmp-part-\d{5}\.parquet\.[A-Za-z0-9_]{6,}$")
 _HASH_CHUNK = 1 << 20
-
-
-def shard_path(home: Path, run_id: str, stage: str, input_hash: str, shard: int, kind: str = "data") -> Path:
-    """<home>/runs/<run_id>/<stage>/<input_hash>/part-00017.parquet; rejects under runs/<run>/rejected/<stage>/…"""
-    base = Path(home) / "runs" / run_id
-    if kind == "rejected":
-        base = base / "rejected"
-    return base / stage / input_hash / f"part-{shard:05d}.parquet"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,7 +129,7 @@ def _temp_candidates(run_root: Path) -> list[Path]:
 
     folders: list[Path] = []
     for stage in subdirs(run_root):
-        if stage.name == "rejected":
+        if stage.name == REJECTED_DIR:
             folders += [h for s in subdirs(stage) for h in subdirs(s)]
         else:
             folders += subdirs(stage)
@@ -151,19 +145,14 @@ def _temp_candidates(run_root: Path) -> list[Path]:
 def clean_run_temp_files(home: Path, run_id: str) -> int:
     """Remove the temp files a crash left in <home>/runs/<run_id>/ (never registered). Only files named like
     write_table's temp files, inside the run's stage folders, are touched."""
-    from storage.layout import validate_run_id
-
-    validate_run_id(run_id)
-    return clean_temp_files(Path(home) / "runs" / run_id)
+    return clean_temp_files(RunLayout(home, run_id).root)
 
 
 def clean_temp_files(root: Path) -> int:
     """Remove write_table temp files under a run folder (`<home>/runs/<run_id>`); see clean_run_temp_files.
     A root that is not a run folder (its parent not named `runs`, or an invalid id) is refused."""
-    from storage.layout import is_valid_run_id
-
     root = Path(root)
-    if root.is_symlink() or root.parent.name != "runs" or not is_valid_run_id(root.name):
+    if not RunLayout.is_run_root(root):
         raise ValueError(f"clean_temp_files: {root} is not a run folder (<home>/runs/<run_id>)")
     if not root.is_dir():
         return 0

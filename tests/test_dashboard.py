@@ -269,7 +269,8 @@ def _build_home_with_ids(home, ids: list[str]) -> str:
     from models.base import to_table
     from models.ids import row_id
     from models.records import Character, Rejection, Session, SessionTurn
-    from storage.shards import shard_path, write_table
+    from storage.layout import RunLayout
+    from storage.shards import write_table
 
     run = "20260301-020000-cccccc"
     chars = [Character(id=i, label=f"Label {n}", description=f"desc of {i}", category="real", language="en",
@@ -286,11 +287,11 @@ def _build_home_with_ids(home, ids: list[str]) -> str:
     with Catalog(home) as cat:
         cat.start_run(run, "ditto-test", {"dataset": "ditto-test"}, "cfgids", "0.1.0", 1)
         for stage, rows, model in (("characters", chars, Character), ("dedup", sessions, Session)):
-            path = shard_path(home, run, stage, stage[:4] + "0000", 0)
+            path = RunLayout(home, run).shard(stage, stage[:4] + "0000", 0)
             size = write_table(to_table(rows, model), path)
             kw = {"rejects_path": None, "rejected_rows": 0}
             if stage == "dedup":
-                rp = shard_path(home, run, stage, "dedu0000", 0, kind="rejected")
+                rp = RunLayout(home, run).shard(stage, "dedu0000", 0, kind="rejected")
                 write_table(to_table(rejects, Rejection), rp)
                 kw = {"rejects_path": str(rp), "rejected_rows": len(rejects)}
             cat.mark_done(run, stage, 0, stage[:4] + "0000", rows=len(rows), path=str(path), bytes_=size, **kw,
@@ -379,7 +380,8 @@ def test_a_character_registered_after_a_request_is_found(tmp_path):
     """The dashboard's per-run caches follow the snapshot: a shard the flow registers later is seen."""
     from models.base import to_table
     from models.records import Character
-    from storage.shards import shard_path, write_table
+    from storage.layout import RunLayout
+    from storage.shards import write_table
 
     home = tmp_path / "home"
     run = _build_home_with_ids(home, ["first"])
@@ -387,7 +389,7 @@ def test_a_character_registered_after_a_request_is_found(tmp_path):
         assert c.get(f"/api/runs/{run}/characters/first@en").status_code == 200
         assert c.get(f"/api/runs/{run}/characters/later@en").status_code == 404
         with Catalog(home) as cat:
-            path = shard_path(home, run, "characters", "char0001", 1)
+            path = RunLayout(home, run).shard("characters", "char0001", 1)
             rows = [Character(id="later", label="Later", category="real", language="en", source="jsonl")]
             size = write_table(to_table(rows, Character), path)
             cat.mark_done(run, "characters", 1, "char0001", rows=1, path=str(path), bytes_=size, rejects_path=None,

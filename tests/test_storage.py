@@ -1,8 +1,10 @@
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -11,8 +13,8 @@ import pytest
 from models.base import arrow_schema, from_table, to_table
 from models.records import Query, Session, SessionTurn, Turn
 from storage import shards
-from storage.catalog import SNAPSHOT_DIR, Catalog, CatalogBusy, CatalogError, catalog_held
-from storage.layout import InvalidRunId, validate_run_id
+from storage.catalog import LEGACY_SHARD_PATH, SNAPSHOT_DIR, Catalog, CatalogBusy, CatalogError, catalog_held
+from storage.layout import InvalidRunId, RunLayout, validate_run_id
 from storage.reader import CatalogReader, NoCatalog, ShardDamaged, SnapshotMissing
 
 
@@ -33,7 +35,7 @@ def test_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
 
 def test_crash_between_write_and_rename_leaves_no_readable_partial(tmp_path):
     """A process killed mid-write leaves only a .tmp- file, which readers never glob and cleanup removes."""
-    out = shards.shard_path(tmp_path, "r1", "queries", "abc", 0).parent
+    out = RunLayout(tmp_path, "r1").shard("queries", "abc", 0).parent
     code = textwrap.dedent(f"""
         import os, pyarrow as pa
         from storage import shards
@@ -126,11 +128,11 @@ def test_unusable_home_is_a_clear_error(tmp_path):
 
 
 def _register(cat, home, run_id="r1", stage="queries", shard=0, rows=3, rejects=False, h="h0"):
-    path = shards.shard_path(home, run_id, stage, h, shard)
+    path = RunLayout(home, run_id).shard(stage, h, shard)
     size = shards.write_table(pa.table({"id": [f"{run_id}-{i}" for i in range(rows)]}), path)
     rpath = None
     if rejects:
-        rpath = shards.shard_path(home, run_id, stage, h, shard, kind="rejected")
+        rpath = RunLayout(home, run_id).shard(stage, h, shard, kind="rejected")
         shards.write_table(pa.table({"row_id": ["x"], "filter": ["f"]}), rpath)
     cat.mark_done(run_id, stage, shard, h, rows=rows, path=str(path), bytes_=size,
                   rejects_path=str(rpath) if rpath else None, rejected_rows=1 if rejects else 0, stats={"rows_out": rows})
@@ -180,7 +182,7 @@ CREATE TABLE evaluations (eval_id VARCHAR, run_id VARCHAR, model VARCHAR, langua
 def _old_layout_home(home):
     """A home as the previous version left it: absolute paths, no sha256/metrics columns, one snapshot
     file per table."""
-    path = shards.shard_path(home, "old", "queries", "h0", 0)
+    path = RunLayout(home, "old").shard("queries", "h0", 0)
     size = shards.write_table(pa.table({"id": ["a", "b"]}), path)
     con = duckdb.connect(str(home / "catalog.duckdb"))
     con.execute(OLD_SCHEMA)
@@ -251,6 +253,8 @@ def test_invalid_run_ids_are_refused(tmp_path, bad):
             cat.start_run(bad, "d", {}, "h", "v")
         with pytest.raises((InvalidRunId, ValueError)):
             shards.clean_run_temp_files(tmp_path, bad)
+        with pytest.raises(InvalidRunId):
+            RunLayout(tmp_path, bad)
 
 
 @pytest.mark.parametrize("good", ["r1", "20260101-020000-aaaaaa", "nightly.2026_01", "A" * 128])
@@ -258,10 +262,49 @@ def test_valid_run_ids_pass(good):
     assert validate_run_id(good) == good
 
 
+@pytest.mark.parametrize("make, rel", [
+    (lambda lay: lay.root, "runs/r1"),
+    (lambda lay: lay.shard("queries", "h0", 17), "runs/r1/queries/h0/part-00017.parquet"),
+    (lambda lay: lay.shard("filter", "h1", 3, kind="rejected"), "runs/r1/rejected/filter/h1/part-00003.parquet"),
+    (lambda lay: lay.rejects("filter"), "runs/r1/rejected/filter"),
+    (lambda lay: lay.prepared("queries", "d9", 2), "runs/r1/prepare/queries/d9/part-00002.parquet"),
+    (lambda lay: lay.dedup_global, "runs/r1/dedup_global"),
+    (lambda lay: lay.train("k7"), "runs/r1/train/k7"),
+    (lambda lay: lay.eval("e5"), "runs/r1/eval/e5"),
+])
+def test_run_layout_places_every_kind_of_file_under_the_run(tmp_path, make, rel):
+    lay = RunLayout(tmp_path, "r1")
+    path = make(lay)
+    assert path == tmp_path / rel and path.is_relative_to(lay.root)
+    with Catalog(tmp_path) as cat:  # the catalog stores it relative to the home
+        assert cat._rel(path) == rel
+
+
+def test_run_layout_refuses_an_unknown_shard_kind_and_tells_run_folders(tmp_path):
+    with pytest.raises(ValueError, match="shard kind"):
+        RunLayout(tmp_path, "r1").shard("queries", "h0", 0, kind="bogus")
+    assert RunLayout.is_run_root(RunLayout(tmp_path, "r1").root)
+    assert not RunLayout.is_run_root(tmp_path / "r1") and not RunLayout.is_run_root(tmp_path / "runs" / "..")
+    # the catalog's pattern for shard paths of an earlier layout matches what the layout writes
+    legacy = "/old/home/" + RunLayout(Path("/x"), "r1").shard("filter", "h1", 3, kind="rejected").relative_to("/x").as_posix()
+    assert re.match(LEGACY_SHARD_PATH, legacy).group(1) == "runs/r1/rejected/filter/h1/part-00003.parquet"
+
+
+def test_no_module_assembles_run_paths_by_hand():
+    """Every <home>/runs/<run>/... path comes from storage.layout.RunLayout (the tests' own assertions aside)."""
+    root = Path(__file__).resolve().parents[1]
+    by_hand = re.compile(r"""/\s*["']runs["']\s*/|\}/runs/\{""")
+    files = [f for pkg in ("storage", "engines", "models", "tasks", "flows", "dashboard", "benchmarks", "tests/plugins")
+             for f in sorted((root / pkg).rglob("*.py")) if f != root / "storage" / "layout.py"]
+    found = [f"{f.relative_to(root)}:{i}: {line.strip()}" for f in files
+             for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1) if by_hand.search(line)]
+    assert len(files) > 50 and found == []
+
+
 def test_temp_cleanup_deletes_only_this_projects_temp_files(tmp_path):
     home = tmp_path / "home"
-    ours = [shards.shard_path(home, "r1", "queries", "h0", 0).parent / ".tmp-part-00000.parquet.ab12cd_z",
-            shards.shard_path(home, "r1", "queries", "h0", 3, kind="rejected").parent / ".tmp-part-00003.parquet.x9y8z7"]
+    ours = [RunLayout(home, "r1").shard("queries", "h0", 0).parent / ".tmp-part-00000.parquet.ab12cd_z",
+            RunLayout(home, "r1").shard("queries", "h0", 3, kind="rejected").parent / ".tmp-part-00003.parquet.x9y8z7"]
     foreign = [home / "runs" / "r1" / ".tmp-notes",  # not in a stage folder
                ours[0].parent / ".tmp-editor-swap",  # not our name pattern
                ours[0].parent / "part-00000.parquet",  # a real shard

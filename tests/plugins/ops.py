@@ -16,7 +16,8 @@ from models.base import Record, to_table
 from models.ids import row_id
 from models.records import Rejection, Session, SessionTurn
 from storage.catalog import Catalog
-from storage.shards import shard_path, write_table
+from storage.layout import RunLayout
+from storage.shards import write_table
 
 RUN_OK = "20260101-020000-aaaaaa"
 RUN_FAILED = "20260102-020000-bbbbbb"
@@ -79,7 +80,7 @@ def build_fake_home(home: Path) -> dict:
                                              filter="judge", reason="out of character", score=0.2,
                                              character_id=f"{q}@{lang}", text=f"{label} speaks like a robot")
                                    for q, label, lang, _ in chars]
-                        rp = shard_path(home, run_id, stage, ih, shard, kind="rejected")
+                        rp = RunLayout(home, run_id).shard(stage, ih, shard, kind="rejected")
                         write_table(to_table(rejects, Rejection), rp)
                         rejects_path, n_rej = str(rp), len(rejects)
                         stats = _stats(len(chars) * 4, len(chars) * 3, {"judge": len(chars)})
@@ -90,7 +91,7 @@ def build_fake_home(home: Path) -> dict:
                         table = to_table([{"id": q} for q, *_ in chars], _IdRow)
                         tokens = 1000 * (shard + 1) if stage in ("queries", "responses") else 0
                         stats = _stats(len(chars), len(chars), tokens=tokens)
-                    path = shard_path(home, run_id, stage, ih, shard)
+                    path = RunLayout(home, run_id).shard(stage, ih, shard)
                     size = write_table(table, path)
                     cat.mark_done(run_id, stage, shard, ih, rows=table.num_rows, path=str(path), bytes_=size,
                                   rejects_path=rejects_path, rejected_rows=n_rej, stats=stats)

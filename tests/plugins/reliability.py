@@ -144,9 +144,10 @@ def catalog_rows(home: Path, sql: str, params: list | None = None) -> list[dict]
 
 
 def temp_files(home: Path, run_id: str) -> list[Path]:
+    from storage.layout import RunLayout
     from storage.shards import TMP_PREFIX
 
-    root = home / "runs" / run_id
+    root = RunLayout(home, run_id).root
     return sorted(root.rglob(TMP_PREFIX + "*")) if root.exists() else []
 
 

@@ -13,9 +13,10 @@ from engines.base import Engine, Generation, register_engine
 from models.base import to_table
 from models.config import RunConfig, load_config
 from models.ids import row_id
-from models.records import Character, Session, SessionTurn, SFTExample
+from models.records import Character, Session, SessionTurn, SFTExample, character_row_id
 from storage.catalog import Catalog
-from storage.shards import shard_path, write_table
+from storage.layout import RunLayout
+from storage.shards import write_table
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -47,7 +48,7 @@ def make_characters(n: int = 8, language: str = "en") -> list[dict]:
 def make_sessions(characters: list[dict]) -> list[dict]:
     out = []
     for c in characters:
-        cid = f"{c['id']}@{c['language']}"
+        cid = character_row_id(c)
         turns = []
         for j, kind in enumerate(("role_specific", "contrastive", "role_specific")):
             q = f"Question {j} for {c['label']}: what do you think of the sea?"
@@ -149,7 +150,7 @@ def build_run(home: Path, run_id: str, *, characters: list[dict], sessions: list
         cat.start_run(run_id, config.dataset, config.model_dump(mode="json"), config.config_hash(), "test", num_shards)
         for shard in range(num_shards):
             chars = [c for i, c in enumerate(characters) if i % num_shards == shard]
-            cids = {f"{c['id']}@{c['language']}" for c in chars}
+            cids = {character_row_id(c) for c in chars}
             sess = [s for s in sessions if s["character_id"] in cids]
             ctx = StageContext(run_id=run_id, stage="sft_data", shard=shard, num_shards=num_shards, config=config,
                                home=home)
@@ -157,7 +158,7 @@ def build_run(home: Path, run_id: str, *, characters: list[dict], sessions: list
             for name, rows, model in (("characters", chars, Character), ("dedup", sess, Session),
                                       ("sft_data", out.rows, SFTExample)):
                 h = f"h{name}{shard}"
-                path = shard_path(home, run_id, name, h, shard)
+                path = RunLayout(home, run_id).shard(name, h, shard)
                 size = write_table(to_table(rows, model), path)
                 cat.mark_done(run_id, name, shard, h, rows=len(rows), path=str(path), bytes_=size, rejects_path=None,
                               rejected_rows=0, stats={})
