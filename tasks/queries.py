@@ -39,7 +39,6 @@ from models.ids import content_hash, row_id
 from models.records import Character, Query
 from models.records import character_row_id as _rid
 from storage.layout import RunLayout
-from storage.layout import RunLayout
 from storage.shards import read_table, write_table
 from tasks import prompts
 from tasks.base import ShardOutput, Stage, StageContext
