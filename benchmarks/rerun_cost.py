@@ -58,17 +58,18 @@ def bundled_rows(per_category: int) -> list[dict]:
     return [r.model_dump(mode="json") for r in rows]
 
 
-def fake_setup(a, tmp: Path, switch: Path) -> tuple[dict, dict]:
-    """(config for the clean run, config for the failing run): the fake engine, overrides as data."""
+def dry_run_setup(a, tmp: Path, switch: Path) -> tuple[dict, dict]:
+    """(config for the clean run, config for the failing run): the dry-run engine, overrides as data."""
     from models.config import load_config
-    from tests.plugins.core import make_characters
+    from tasks.sources.synthetic import synthetic_characters
 
-    chars = characters(tmp / "chars.jsonl", make_characters(a.characters), a.shards, a.failed)
+    chars = characters(tmp / "chars.jsonl", synthetic_characters(a.characters), a.shards, a.failed)
     ov = overrides(chars, a.shards, a.pairings, a.workers)
     if a.no_dedup:
-        ov += ["filter.dedup.exact=false", "filter.dedup.near=false"]
+        ov += ["dedup.exact=false", "dedup.near=false"]
     ok = load_config(overrides=ov).model_dump(mode="json")
-    bad = load_config(overrides=[*ov, f"engine.options.fail_on={MARKER}", f"engine.options.fail_while_exists={switch}"])
+    bad = load_config(overrides=[*ov, f"engine.options.faults={{rate: 0.0, kinds: [], permanent_on: {MARKER}, "
+                                      f"permanent_while_exists: '{switch}'}}"])
     return ok, bad.model_dump(mode="json")
 
 

@@ -282,3 +282,20 @@ def test_zero_kept_turns_is_a_completed_run_with_empty_shards_and_a_note(tmp_pat
     assert any(n.startswith("filter kept no rows") and "min_turns=" in n and "dedup, sft_data ran on empty shards"
                in n for n in notes), notes
     assert rerun("empty", home)["status"] == "completed"
+
+
+def test_dedup_has_its_own_config_section_and_old_keys_are_moved_or_refused(tmp_path):
+    from models.config import ConfigError, load_config, migrate_stored_config
+
+    assert load_config(overrides=["dedup.threshold=0.9"]).dedup.threshold == 0.9
+    assert "dedup" not in load_config().filter.model_dump()
+    with pytest.raises(ConfigError, match=r"unknown key 'filter.dedup' \(it is 'dedup' now\)"):
+        load_config(overrides=["filter.dedup.near=false"])
+    old = tmp_path / "old.yaml"
+    old.write_text("filter:\n  dedup:\n    threshold: 0.8\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: unknown key 'filter.dedup' \(it is 'dedup' now\)"):
+        load_config(old)
+    # a run stored by an earlier release (`ditto rerun`, `ditto train`) keeps its settings in their new place
+    stored = {"filter": {"dedup": {"threshold": 0.8, "near": False}, "enabled": True}}
+    cfg = load_config(data=migrate_stored_config(stored))
+    assert (cfg.dedup.threshold, cfg.dedup.near, cfg.filter.enabled) == (0.8, False, True)

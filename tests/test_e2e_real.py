@@ -26,7 +26,7 @@ def test_five_bundled_characters_through_every_stage(tmp_path, vllm_engine):
         "queries.pairings=1", "queries.sampling.max_tokens=200", "responses.sampling.max_tokens=64",
         # keep most of what a 135M model writes, so the later stages have rows to check
         "filter.first_person.enabled=false", "filter.refusal.contrastive_must_refuse=false",
-        "filter.dedup.near=false", "filter.language.min_confidence=0.0",
+        "dedup.near=false", "filter.language.min_confidence=0.0",
     ], home=home, run_id="e2e")
     assert s["status"] == "completed"
     chars = _rows(home, "e2e", "characters")
