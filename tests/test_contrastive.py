@@ -15,6 +15,7 @@ from models.base import table_rows, to_table
 from models.config import load_config
 from models.ids import shard_of
 from models.records import Character
+from models.records import character_row_id as _rid
 from storage.reader import CatalogReader
 from storage.shards import read_table, write_table
 from tasks.queries import PartnerRing, QueriesStage, plan_pairs
@@ -23,10 +24,6 @@ from tests.plugins.core import make_characters
 
 def _rows(n: int, zh: int = 0) -> list[dict]:
     return make_characters(n) + make_characters(zh, language="zh")
-
-
-def _rid(c: dict) -> str:
-    return f"{c['id']}@{c['language']}"
 
 
 # -- the ring -------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.records import Rejection, Session
+from models.records import Rejection, Session, character_row_id
 from tasks.filter import FilterStage, rethreshold
 from tasks.filters import Item
 from tasks.filters.basic import FormatFilter, LanguageFilter, LengthFilter
@@ -13,7 +13,7 @@ from tasks.filters.judge import parse
 from tasks.filters.role import FirstPersonFilter, OtherCharacterFilter, OutOfRoleFilter, RefusalFilter
 from tests.plugins.filters import CHARACTERS, GOOD, REFUSALS, filter_config, make_turn, stage_context
 
-BY_ID = {f"{c['id']}@{c['language']}": c for c in CHARACTERS}
+BY_ID = {character_row_id(c): c for c in CHARACTERS}
 
 
 def item(cid: str, answer: str, **kw) -> Item:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from models.records import character_row_id
 from tasks.filter import FilterStage, build_chain, rethreshold
 from tasks.filters import Item
 from tasks.filters.quality import DegenerationFilter, RelevanceFilter
 from tasks.filters.role import FirstPersonFilter, MetaTalkFilter, OtherCharacterFilter
 from tests.plugins.filters import CHARACTERS, GOOD, REFUSALS, filter_config, make_turn, stage_context
 
-BY_ID = {f"{c['id']}@{c['language']}": c for c in CHARACTERS}
+BY_ID = {character_row_id(c): c for c in CHARACTERS}
 CFG = filter_config().filter
 
 

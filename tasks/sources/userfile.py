@@ -26,7 +26,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from models.config.characters import CharactersConfig
-from models.records import Character, Rejection
+from models.records import Character, Rejection, character_row_id
 from tasks.sources import InputFormatError, cap_fields, clip, popularity_problem, reject, require_file, select
 
 
@@ -111,7 +111,7 @@ def collect(cfg: CharactersConfig) -> tuple[list[Character], list[Rejection]]:
         try:
             ch = Character.model_validate(row)
         except ValidationError as exc:
-            rid = f"{row['id']}@{row['language']}" if isinstance(row.get("id"), str) and isinstance(
+            rid = character_row_id(row) if isinstance(row.get("id"), str) and isinstance(
                 row.get("language"), str) else f"{path.name}:{lineno}"
             rejects.append(reject(rid, "schema", f"{path}: line {lineno}: {_describe(exc)}",
                                   character_id=str(row.get("id", "")), text=json.dumps(row, ensure_ascii=False)))
