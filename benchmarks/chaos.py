@@ -1,5 +1,6 @@
 """Manual chaos run: SIGKILL `ditto run` / `ditto rerun` at 20+ seeded random points and check that each
-resumed run equals an uninterrupted one (the harness of tests/test_crash_resume.py, more points).
+resumed run equals an uninterrupted one (benchmarks/crash_harness.py, which tests/test_crash_resume.py runs with
+fewer points).
 
     python benchmarks/chaos.py                       # 20 points, 12 characters, 4 shards
     python benchmarks/chaos.py --points 40 --seed 123 --full-filter --keep
@@ -20,10 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.plugins.reliability import Chaos, characters_file, fast_overrides
+    from crash_harness import Chaos, characters_file, fast_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", type=int, default=20, help="kills that must land")

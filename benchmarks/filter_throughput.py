@@ -29,14 +29,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from models.base import to_table  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.ids import row_id, shard_of  # noqa: E402
-from models.records import Session, Turn  # noqa: E402
+from models.records import Session, Turn, character_row_id  # noqa: E402
 from storage.shards import write_table  # noqa: E402
 from tasks.base import StageContext  # noqa: E402
 from tasks.dedup import DedupStage  # noqa: E402
+from tasks.embeddings import embedder  # noqa: E402
 from tasks.filter import FilterStage  # noqa: E402
 from tasks.filters import Item  # noqa: E402
 from tasks.filters.dedup import load_decisions  # noqa: E402
-from tasks.filters.identity import IdentityFilter, embedder  # noqa: E402
+from tasks.filters.identity import IdentityFilter  # noqa: E402
 
 EN_WORDS = ("time year people way day man thing woman life child world school state family student group "
             "country problem hand part place case week company system program question work government number "
@@ -108,7 +109,7 @@ def synth(n_turns: int, planted: int, seed: int = 0):
                 " " + en_answer(rng, 30)[2:]
         else:
             ans = zh_answer(rng, rng.randint(40, 120)) if zh else en_answer(rng, rng.randint(40, 110))
-        cid = f"{c['id']}@{c['language']}"
+        cid = character_row_id(c)
         qid = row_id("q", cid, i)
         turns.append({"id": row_id("t", qid), "query_id": qid, "character_id": cid, "language": c["language"],
                       "kind": kind, "question": "Tell me about your life?", "answer": ans, "parents": [qid],
@@ -180,14 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     chars, turns, pairs = synth(args.turns, args.planted)
     home = Path(args.home or tempfile.mkdtemp(prefix="filter-bench-"))
-    cfg = load_config(data={"engine": {"kind": "fake", "model": "fake"},
+    cfg = load_config(data={"engine": {"kind": "dry_run", "model": "dry_run"},
                             "filter": {"judge": {"enabled": False}, "identity": {"enabled": False}}})
     by_shard: dict[int, list[dict]] = {}
     for t in turns:
         by_shard.setdefault(shard_of(t["character_id"], args.shards), []).append(t)
     chars_by_shard: dict[int, list[dict]] = {}
     for c in chars:
-        chars_by_shard.setdefault(shard_of(f"{c['id']}@{c['language']}", args.shards), []).append(c)
+        chars_by_shard.setdefault(shard_of(character_row_id(c), args.shards), []).append(c)
     for s, rows in by_shard.items():  # the responses shards as the flow would have them on disk
         write_table(to_table(rows, Turn), home / "responses" / f"part-{s:05d}.parquet")
     turns_by_shard = by_shard
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     # several turns as in a real shard (the candidate pool is those characters)
     en = [c for c in chars if c["language"] == "en"]
     per_char = sum(1 for t in turns if t["character_id"] == f"{en[0]['id']}@en" and t["kind"] == "role_specific")
-    cmap = {f"{c['id']}@{c['language']}": c for c in en[:max(4, args.identity_turns // max(1, per_char))]}
+    cmap = {character_row_id(c): c for c in en[:max(4, args.identity_turns // max(1, per_char))]}
     sample = [t for t in turns if t["character_id"] in cmap and t["kind"] == "role_specific"][:args.identity_turns]
     idf = IdentityFilter(cfg.filter.identity.model_copy(update={"enabled": True}), cmap)
     items = [Item(row=t, character=cmap[t["character_id"]], answer=t["answer"]) for t in sample]

@@ -45,7 +45,7 @@ from engines.base import (  # noqa: E402
     get_engine,
     register_engine,
 )
-from engines.fake import _stream, instance  # noqa: E402
+from engines.dry_run import _stream, instance  # noqa: E402
 from models.config.engine import EngineConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "completion_lengths.json"

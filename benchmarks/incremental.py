@@ -1,4 +1,4 @@
-"""Incremental nightly cost with the generation cache, on the zero-cost fake engine (what is counted is
+"""Incremental nightly cost with the generation cache, on the zero-cost dry-run engine (what is counted is
 engine requests, not seconds).
 
     edit:  a full run over N characters (default 200), then 2 profiles edited and the next run in the same
@@ -10,8 +10,8 @@ engine requests, not seconds).
            requests <= the unfinished half + one cache chunk (DITTO_GENCACHE_CHUNK_ROWS, default here 16),
            against the whole shard (what the rerun asked before the cache).
 
-Every run is a child process with a fresh Prefect home (a real SIGKILL, a real restart); the fake engine
-is the product's `fake` engine, so cache keys are those of a real run.
+Every run is a child process with a fresh Prefect home (a real SIGKILL, a real restart); the engine
+is the product's `dry_run` engine, so cache keys are those of a real run.
 
     python benchmarks/incremental.py                    # 200 characters, 16 shards, 2 pairings
     python benchmarks/incremental.py --characters 60 --shards 8 --json
@@ -61,7 +61,7 @@ def write(path: Path, rows: list[dict]) -> Path:
 
 
 def overrides(chars: Path, n: int, shards: int, pairings: int, workers: int) -> list[str]:
-    return ["engine.kind=fake", "characters.source=jsonl", f"characters.path={chars}", f"characters.top_n={n}",
+    return ["engine.kind=dry_run", "characters.source=jsonl", f"characters.path={chars}", f"characters.top_n={n}",
             f"runner.num_shards={shards}", f"runner.max_workers={workers}", f"queries.pairings={pairings}",
             "runner.retry_delay_seconds=[0]", "filter.identity.enabled=false"]
 
@@ -108,12 +108,12 @@ def _arm_kill(label: str, after: int) -> None:
     one shard (recognised by their labels in the system prompt)."""
     import threading
 
-    from engines import fake
+    from engines import dry_run
 
     labels = set(json.loads(label))
     seen = {"n": 0}
     lock = threading.Lock()
-    real = fake.FakeEngine._generate
+    real = dry_run.DryRunEngine._generate
 
     def generate(self, chats, sampling):
         for chat, sp in zip(chats, sampling, strict=True):
@@ -124,7 +124,7 @@ def _arm_kill(label: str, after: int) -> None:
                     seen["n"] += 1
         return real(self, chats, sampling)
 
-    fake.FakeEngine._generate = generate
+    dry_run.DryRunEngine._generate = generate
 
 
 CODE: list[Path] = [REPO]  # where the children import the project from (a frozen copy, see main)
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(res, indent=2))
         return res
     c = edit["edited_pairs_requests"]
-    print(f"incremental nightly, fake engine, {n} characters, {shards} shards, {a.pairings} pairings, "
+    print(f"incremental nightly, dry-run engine, {n} characters, {shards} shards, {a.pairings} pairings, "
           f"cache chunks of {a.chunk_rows}")
     print(f"  full first run: {edit['full_run_requests']} engine requests")
     print(f"  2 profiles edited: their {c['pairs']} pairs cost {c['total']} requests in the first run "

@@ -1,4 +1,4 @@
-"""Peak RSS of build_dataset with the zero-cost fake engine: by run size and by shard count.
+"""Peak RSS of build_dataset with the zero-cost dry-run engine: by run size and by shard count.
 
 Each configuration runs benchmarks/orchestration.py in a fresh subprocess; its peak RSS comes from
 wait4's rusage (ru_maxrss), so runs do not share a high-water mark. The target is a peak that stays

@@ -1,4 +1,4 @@
-"""Orchestration overhead of build_dataset with the zero-cost fake engine.
+"""Orchestration overhead of build_dataset with the zero-cost dry-run engine.
 
 The full DAG (characters -> queries -> responses -> filter -> dedup -> sft_data) runs in this process through
 `run_build`, Prefect included. Every stage's own work (SourceStage.collect, Stage.prepare, Stage.run)
@@ -8,7 +8,7 @@ orchestration. Per-shard overhead = (flow wall time - stage time) / shard tasks.
 
 The overhead is then put against a real run's time on the bundled model, estimated from the number
 of engine requests at --tok-s tokens/s (default 190: vLLM CPU, batch 32; not measured here) and an
-assumed completion length per request (half of each stage's max_tokens; the fake engine's own token
+assumed completion length per request (half of each stage's max_tokens; the dry-run engine's own token
 counts are also shown as a lower bound).
 
     python benchmarks/orchestration.py                 # ~100k turns (1400 characters x 12 pairings)
@@ -90,17 +90,14 @@ class StageClock:
 
 
 def write_characters(path: Path, n: int) -> Path:
-    from tests.plugins.core import make_characters
+    from tasks.sources.synthetic import write_characters as write
 
-    with open(path, "w") as fh:
-        for c in make_characters(n):
-            fh.write(json.dumps(c) + "\n")
-    return path
+    return write(path, n)
 
 
 def overrides(chars: Path, shards: int, pairings: int, workers: int, identity: bool = False) -> list[str]:
     n = sum(1 for _ in open(chars))
-    return ["engine.kind=fake", "characters.source=jsonl", f"characters.path={chars}", f"characters.top_n={n}",
+    return ["engine.kind=dry_run", "characters.source=jsonl", f"characters.path={chars}", f"characters.top_n={n}",
             f"runner.num_shards={shards}", f"runner.max_workers={workers}", f"queries.pairings={pairings}",
             "runner.retry_delay_seconds=[0]", f"filter.identity.enabled={str(identity).lower()}"]
 

@@ -10,13 +10,13 @@ counted in neither time).
 
 Target: rerun / full <= k/N + 5%.
 
-Engines: `fake` (zero cost: what is left is orchestration, Parquet, filters and the global dedup step, the
+Engines: `dry_run` (zero cost: what is left is orchestration, Parquet, filters and the global dedup step, the
 worst case for this ratio) or `bundled` (the embedded demo config: SmolLM2-135M on vLLM, the LLM judge and
 the embedding identity check on, characters from the bundled corpus; the fault comes from
 engine.options.faults.permanent_on / permanent_while_exists).
 
-    python benchmarks/rerun_cost.py                  # fake: 1400 characters, 32 shards, k = 4
-    python benchmarks/rerun_cost.py --quick          # fake: 140 characters, 16 shards, k = 2
+    python benchmarks/rerun_cost.py                  # dry_run: 1400 characters, 32 shards, k = 4
+    python benchmarks/rerun_cost.py --quick          # dry_run: 140 characters, 16 shards, k = 2
     python benchmarks/rerun_cost.py --engine bundled # 16 bundled characters, 8 shards, k = 1 (~10 min)
 """
 
@@ -113,11 +113,11 @@ def warm_up(tmp: Path, cfg: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", choices=["fake", "bundled"], default="fake")
-    ap.add_argument("--characters", type=int, default=None, help="fake: 1400; bundled: 16")
-    ap.add_argument("--pairings", type=int, default=12, help="fake only (bundled: the demo config's)")
-    ap.add_argument("--shards", type=int, default=None, help="fake: 32; bundled: 8")
-    ap.add_argument("--failed", type=int, default=None, help="k: shards that fail (fake: 4; bundled: 1)")
+    ap.add_argument("--engine", choices=["dry_run", "bundled"], default="dry_run")
+    ap.add_argument("--characters", type=int, default=None, help="dry_run: 1400; bundled: 16")
+    ap.add_argument("--pairings", type=int, default=12, help="dry_run only (bundled: the demo config's)")
+    ap.add_argument("--shards", type=int, default=None, help="dry_run: 32; bundled: 8")
+    ap.add_argument("--failed", type=int, default=None, help="k: shards that fail (dry_run: 4; bundled: 1)")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--no-dedup", action="store_true", help="switch off run-wide dedup: its global step makes every "
                     "dedup shard depend on every filter shard")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="ditto-rerun-") as tmp:
         tmp = Path(tmp)
         switch = tmp / "fail-switch"
-        ok, bad = (bundled_setup if bundled else fake_setup)(a, tmp, switch)
+        ok, bad = (bundled_setup if bundled else dry_run_setup)(a, tmp, switch)
         warm_up(tmp, ok)
         t0 = time.perf_counter()
         run_build(config=ok, home=tmp / "full", run_id="full")

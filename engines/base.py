@@ -10,7 +10,8 @@ completes synchronously. There is no batch barrier in front of an engine: a free
 by whatever request any shard task submitted next.
 
 Engines are chosen by name from ENGINES (kind -> "module:Class", imported lazily so torch/vllm load
-only when used). `get_engine(config)` keeps one loaded engine per process and config: vLLM start-up
+only when used; `dry_run` is the zero-cost engine of `ditto run --dry-run`, engines/dry_run.py). Options
+listed in WRAPPERS wrap the loaded engine instead of reaching it (`engine.options.faults`: engines/faults.py). `get_engine(config)` keeps one loaded engine per process and config: vLLM start-up
 is 80-100 s on CPU, so every shard of a run reuses it.
 
 Metrics (for the flow's per-stage records): `engine.metrics(label=None) -> EngineMetrics` is a snapshot
@@ -281,6 +282,7 @@ class Meter:
 class Engine:
     kind: ClassVar[str] = ""
     in_process: ClassVar[bool] = True  # False for remote clients and test engines
+    has_model: ClassVar[bool] = True  # False: no model behind it (the dry run), so no tokenizer or chat template
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -392,7 +394,13 @@ ENGINES: dict[str, str] = {
     "vllm": "engines.vllm_engine:VLLMEngine",
     "openai": "engines.openai_engine:OpenAIEngine",
     "transformers": "engines.transformers_engine:TransformersEngine",
-    "fake": "engines.fake:FakeEngine",
+    "dry_run": "engines.dry_run:DryRunEngine",
+}
+# Engine options that wrap the loaded engine instead of reaching it: option -> "module:function". The function
+# takes the option's value, raises EngineError on a bad one (before any model loads) and returns the wrapper
+# (engine -> engine). The modules named here import this one, never the other way round.
+WRAPPERS: dict[str, str] = {
+    "faults": "engines.faults:injector",
 }
 
 _loaded: dict[str, Any] = {}
@@ -400,15 +408,19 @@ _lock = threading.Lock()
 
 
 def register_engine(kind: str, target: str) -> None:
-    """Add an engine: target is 'module:Class'."""
+    """Add an engine: target is 'module:Class' (imported when first used)."""
     ENGINES[kind] = target
+
+
+def _import(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def engine_class(kind: str) -> type[Engine]:
     if kind not in ENGINES:
         raise EngineError(f"unknown engine kind {kind!r}; known: {', '.join(sorted(ENGINES))}")
-    module, cls = ENGINES[kind].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return _import(ENGINES[kind])
 
 
 def engine_key(config: EngineConfig) -> str:
@@ -428,20 +440,16 @@ def get_engine(config: EngineConfig) -> Any:
     key = engine_key(config)
     with _lock:
         if key not in _loaded:
-            faults = None
-            if "faults" in config.options:  # engines/faults.py: injected faults for reliability tests
-                from engines.faults import split_options
-
-                options, faults = split_options(config.options)
-                config = config.model_copy(update={"options": options})
+            wrappers = [_import(WRAPPERS[k])(v) for k, v in config.options.items() if k in WRAPPERS]
+            if wrappers:  # e.g. engines/faults.py: injected faults for reliability tests
+                config = config.model_copy(update={"options": {k: v for k, v in config.options.items()
+                                                               if k not in WRAPPERS}})
             engine = engine_class(config.kind)(config)
             engine.load()
             engine.loads += 1
             loaded = engine if hasattr(engine, "submit") else SyncAdapter(engine)
-            if faults is not None:
-                from engines.faults import FaultInjector
-
-                loaded = FaultInjector(loaded, faults)
+            for wrap in wrappers:
+                loaded = wrap(loaded)
             _loaded[key] = loaded
         return _loaded[key]
 

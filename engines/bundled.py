@@ -178,10 +178,3 @@ def resolve_model(model: str, cache_dir: str | Path | None = None, key: str = "e
         raise EngineError(f"model {model!r} is neither an existing local folder nor a Hugging Face model id "
                           f"('org/name' or 'name') ({key})")
     return model
-
-
-def prepare_cli(cache_dir: str | Path | None = None) -> Path:
-    """Body of `ditto model prepare`: convert (or verify) the bundled model and print its folder."""
-    path = prepare_bundled_model(cache_dir)
-    print(path)
-    return path

@@ -1,6 +1,7 @@
 """Fault injection at the engine boundary, for reliability tests and chaos runs.
 
-Enabled from config; `get_engine` wraps the loaded engine when `engine.options.faults` is set:
+Enabled from config; `get_engine` wraps the loaded engine when `engine.options.faults` is set (this module's
+`injector` is listed in engines.base.WRAPPERS):
 
     engine:
       options:
@@ -31,13 +32,23 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engines.base import EngineError, Generation, Message, Sampling, TransientEngineError, done_future, expand
+from engines.base import (
+    EngineClosed,
+    EngineError,
+    Generation,
+    Message,
+    Sampling,
+    TransientEngineError,
+    done_future,
+    expand,
+)
 from models.ids import content_hash
 
 CALL_KINDS = ("timeout", "connection")
@@ -90,6 +101,7 @@ class FaultInjector:
         self._seen: Counter = Counter()
         self._lock = threading.Lock()
         self._delayed: ThreadPoolExecutor | None = None
+        self._closed = threading.Event()  # close() ends a held or delayed request at once
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["engine"], name)
@@ -129,10 +141,13 @@ class FaultInjector:
     def _wait(self) -> None:
         f = self.faults
         if f.latency:
-            time.sleep(f.latency)
+            self._closed.wait(f.latency)
         deadline = time.monotonic() + 600
-        while f.hold_while_exists and os.path.exists(f.hold_while_exists) and time.monotonic() < deadline:
+        while (f.hold_while_exists and os.path.exists(f.hold_while_exists) and time.monotonic() < deadline
+               and not self._closed.is_set()):
             time.sleep(0.1)
+        if self._closed.is_set():
+            raise EngineClosed("the engine was closed while the request was held")
 
     def _maybe_malform(self, chat: list[Message], g: Generation) -> Generation:
         f = self.faults
@@ -186,6 +201,7 @@ class FaultInjector:
         return [self._maybe_malform(chat, g) for chat, g in zip(flat, out, strict=True)]
 
     def close(self) -> None:
+        self._closed.set()
         try:
             self.engine.close()
         finally:
@@ -208,14 +224,13 @@ def malform(g: Generation, variant: str) -> Generation:
                       cached=g.cached)
 
 
-def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], FaultConfig | None]:
-    """(the engine's own options, the fault config or None). Raises EngineError on a bad fault config."""
-    if not options or "faults" not in options:
-        return options, None
-    rest = {k: v for k, v in options.items() if k != "faults"}
+def injector(value: Any) -> Callable[[Any], FaultInjector]:
+    """The `engine.options.faults` hook (engines.base.WRAPPERS): checks the fault config, raising EngineError
+    naming the key, and returns what wraps the loaded engine."""
     try:
-        return rest, FaultConfig.model_validate(options["faults"] or {})
+        faults = FaultConfig.model_validate(value or {})
     except ValidationError as exc:
         msgs = [f"engine.options.faults.{'.'.join(map(str, e['loc']))}: {e['msg']}".replace("faults.: ", "faults: ")
                 for e in exc.errors()]
         raise EngineError("; ".join(msgs)) from None
+    return lambda engine: FaultInjector(engine, faults)

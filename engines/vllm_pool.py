@@ -27,13 +27,7 @@ from typing import Any, Protocol
 from engines.base import EngineClosed, EngineError, Generation, Message, Sampling, done_future
 from models.config.engine import EngineConfig
 
-DEFAULT_FACTORY = "engines.vllm_pool:vllm_replica"
-
-
-def vllm_replica(config: EngineConfig, model_path: str, model_id: str) -> Any:
-    from engines.vllm_engine import AsyncVLLM
-
-    return AsyncVLLM(config, model_path, model_id)
+DEFAULT_FACTORY = "engines.vllm_engine:AsyncVLLM"  # (config, model_path, model_id) -> a vLLM replica
 
 
 class Replica(Protocol):

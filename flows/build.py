@@ -256,14 +256,10 @@ def _record(row: dict[str, Any] | None) -> ShardRecord | None:
 
 # -- the engine, loaded once per run while the source is read ------------------------------------
 def run_engine_configs(cfg: RunConfig, names: list[str]) -> list[EngineConfig]:
-    """The engines the run's stages use: the run's engine, and the judge's where it has its own."""
+    """The engines the run's stages declare (`Stage.engine_configs`), each once, in stage order."""
     out: list[EngineConfig] = []
-    if any(get_stage(n).uses_engine for n in names if n not in ("filter",)):
-        out.append(cfg.engine)
-    if "filter" in names and cfg.filter.enabled and cfg.filter.judge.enabled:
-        judge = cfg.filter.judge.engine or cfg.engine
-        if judge not in out:
-            out.append(judge)
+    for name in names:
+        out += [c for c in get_stage(name).engine_configs(cfg) if c not in out]
     return out
 
 
@@ -556,7 +552,8 @@ class _Runner:
         from storage.report import stage_metrics
 
         rows = self.cat.shards(self.run_id, name)
-        eng = self.engines.delta(name) if self.engines is not None and get_stage(name).uses_engine else None
+        asks_engine = self.engines is not None and get_stage(name).engine_configs(self.cfg)
+        eng = self.engines.delta(name) if asks_engine else None
         metrics = stage_metrics(rows, eng.as_dict() if eng is not None else None)
         if self.warnings.get(name):
             metrics["warnings"] = self.warnings[name]
@@ -653,12 +650,12 @@ def validate_engines(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: unknown engine {kind!r}; known: {', '.join(sorted(ENGINES))}")
 
 
-def _needs_engine(cat: Catalog, run_id: str, names: list[str], num_shards: int | None) -> bool:
+def _needs_engine(cat: Catalog, cfg: RunConfig, run_id: str, names: list[str], num_shards: int | None) -> bool:
     """False for a rerun whose engine stages are all done: loading vLLM for nothing costs minutes."""
     if not num_shards:
         return True
     for name in names:
-        if get_stage(name).uses_engine:
+        if get_stage(name).engine_configs(cfg):
             rows = cat.shards(run_id, name)
             if len(rows) < num_shards or any(r["status"] != "done" for r in rows):
                 return True
@@ -686,7 +683,7 @@ def build(cfg: RunConfig, run_id: str, home: Path, names: list[str], fresh: bool
         configs = run_engine_configs(cfg, names) if cfg.runner.task_runner == "thread" else []
         runner.engines = EngineWatch(configs)
         runner.engines.baseline(names)
-        if configs and _needs_engine(cat, run_id, names, runner.num_shards):
+        if configs and _needs_engine(cat, cfg, run_id, names, runner.num_shards):
             runner.engines.start()
         try:
             with task_runner_for(cfg) as runner.task_runner:

@@ -240,13 +240,52 @@ def run(config: Annotated[Path | None, typer.Argument(help="run config YAML (def
         until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
         home: HomeOpt = None, run_id: Annotated[str | None, typer.Option("--run-id")] = None,
         fresh: Annotated[bool, typer.Option(help="regenerate even where an identical shard exists")] = False,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="the whole DAG at zero cost in a throw-away home (placeholder text, no model): "
+                              "prints per stage the shards, rows and columns; --home and the catalog are untouched")
+        ] = False,
         as_json: JsonOpt = False, verbose: bool = False) -> None:
     """Run build_dataset (characters -> queries -> responses -> filter -> dedup -> sft_data)."""
     from flows.build import new_run_id, run_build
 
+    if dry_run:
+        _dry_run(str(config) if config else None, set_ or [], until, as_json, verbose)
+        return
     run_id = run_id or new_run_id()  # known up front, so a failed run can still be reported
     _run_and_report(run_build, home, as_json, verbose, config_path=str(config) if config else None,
                     overrides=set_ or [], until=until, fresh=fresh, run_id=run_id)
+
+
+def _dry_run(config: str | None, overrides: list[str], until: str | None, as_json: bool, verbose: bool) -> None:
+    """`run --dry-run` (flows/dry_run.py): exit 0 when the dry run completed, 1 when shards failed, 2 on a bad
+    config."""
+    _quiet_prefect(verbose)
+    from flows.dry_run import dry_run
+    from flows.stages import ChainError
+    from models.config import ConfigError
+
+    with _json_stdout(as_json):
+        try:
+            plan = dry_run(config, overrides, until)
+        except (ConfigError, ChainError) as exc:
+            _fail(str(exc), 2)
+        finally:
+            from engines.base import close_engines
+
+            close_engines()
+    if as_json:
+        _print_json(plan)
+    else:
+        t = Table(title=f"dry run ({plan['engine']} engine, nothing kept): {plan['num_shards']} shards, {plan['status']}")
+        for c in ("stage", "shards", "with rows", "rows", "rejected", "columns"):
+            t.add_column(c, overflow="fold")
+        for st in plan["stages"]:
+            t.add_row(st["stage"], str(st["shards"]), str(st["shards_with_rows"]), str(st["rows"]),
+                      str(st["rejected"]), Text(", ".join(st["columns"])))
+        out.print(t)
+    if plan["status"] != "completed":
+        _say("dry run failed: ", plan["error"] or "")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -269,11 +269,16 @@ def test_wikidata_unlabeled_rejections_are_bounded_to_persons_within_the_pool(tm
 
 
 # -- engine and model output ----------------------------------------------------------------------
-def test_unknown_engine_kind_is_refused_before_anything_runs(existing, home, intact):
+@pytest.mark.parametrize("kind", ["nosuch", "fake"])
+def test_unknown_engine_kind_is_refused_before_anything_runs(existing, home, intact, monkeypatch, kind):
+    """`fake` is the tests' engine (registered from tests/plugins): the product does not know it."""
+    from engines import base
+
+    monkeypatch.setattr(base, "ENGINES", {k: v for k, v in base.ENGINES.items() if not v.startswith("tests.")})
     _, chars, _ = existing
-    res = _run(home, [*fast_overrides(chars), "engine.kind=nosuch"], "kind", "--until", "queries")
+    res = _run(home, [*fast_overrides(chars), f"engine.kind={kind}"], "kind", "--until", "queries")
     assert res.exit_code == 2
-    assert flat("engine.kind: unknown engine 'nosuch'; known: fake, openai") in flat(res.output)
+    assert flat(f"engine.kind: unknown engine '{kind}'; known: dry_run, openai, transformers, vllm") in flat(res.output)
     intact()
 
 

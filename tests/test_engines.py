@@ -22,7 +22,7 @@ from engines.base import (
     get_engine,
     is_transient,
 )
-from engines.fake import FakeEngine
+from engines.dry_run import DryRunEngine
 from models.config.engine import BUNDLED_MODEL, EngineConfig
 
 CHAT = [{"role": "user", "content": "Who are you?"}]
@@ -34,7 +34,7 @@ def chat(text: str) -> list[dict[str, str]]:
 
 # --- registry -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["vllm", "openai", "transformers", "fake"])
+@pytest.mark.parametrize("kind", ["vllm", "openai", "transformers", "dry_run"])
 def test_registry_resolves_each_kind_by_name(kind):
     cls = engine_class(kind)
     assert issubclass(cls, Engine)
@@ -45,6 +45,33 @@ def test_registry_resolves_each_kind_by_name(kind):
 def test_unknown_kind_names_the_known_ones():
     with pytest.raises(EngineError, match="unknown engine kind 'tgi'.*openai.*transformers.*vllm"):
         engine_class("tgi")
+
+
+def test_the_product_registry_has_no_test_engine():
+    """The tests' engine.kind=fake is registered from tests/plugins; a fresh interpreter knows only these."""
+    import subprocess
+    import sys
+
+    code = "from engines.base import ENGINES; print(sorted(ENGINES))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['dry_run', 'openai', 'transformers', 'vllm']"
+
+
+def test_dry_run_engine_is_deterministic_and_answers_json_schemas_with_an_instance():
+    schema = {"type": "array", "minItems": 2, "maxItems": 4,
+              "items": {"type": "object", "required": ["question", "score"],
+                        "properties": {"question": {"type": "string", "maxLength": 80},
+                                       "score": {"type": "integer", "minimum": 1, "maximum": 10}}}}
+    one, other = DryRunEngine(EngineConfig(kind="dry_run")), DryRunEngine(EngineConfig(kind="dry_run", seed=1))
+    assert not one.has_model and one.model_id.startswith("dry_run@")
+    text = one.generate([chat("Who are you?")], Sampling())[0].text
+    assert text == one.generate([chat("Who are you?")], Sampling())[0].text
+    assert text != other.generate([chat("Who are you?")], Sampling())[0].text
+    assert "我" in one.generate([chat("你是谁？")], Sampling())[0].text
+    items = json.loads(one.generate([chat("Ask me")], Sampling(json_schema=schema))[0].text)
+    assert 2 <= len(items) <= 4
+    assert all(set(it) == {"question", "score"} and 1 <= it["score"] <= 10 and len(it["question"]) <= 80
+               for it in items)
 
 
 def test_registry_does_not_import_heavy_libraries():
@@ -61,7 +88,7 @@ def test_registry_does_not_import_heavy_libraries():
 # --- Sampling.n and Coalescer ---------------------------------------------------------------------
 
 def test_sampling_n_expands_chat_major():
-    engine = FakeEngine(EngineConfig(kind="fake"))
+    engine = DryRunEngine(EngineConfig(kind="dry_run"))
     engine.load()
     out = engine.generate([chat("a"), chat("b")], [Sampling(n=3), Sampling(n=1)])
     assert len(out) == 4
@@ -70,7 +97,7 @@ def test_sampling_n_expands_chat_major():
 
 
 def test_one_sampling_per_chat_or_one_for_all():
-    engine = FakeEngine(EngineConfig(kind="fake"))
+    engine = DryRunEngine(EngineConfig(kind="dry_run"))
     engine.load()
     with pytest.raises(ValueError):
         engine.generate([chat("a"), chat("b")], [Sampling()])
@@ -78,7 +105,7 @@ def test_one_sampling_per_chat_or_one_for_all():
 
 
 def test_get_engine_loads_once_per_config():
-    cfg = EngineConfig(kind="fake", options={"questions": 2})
+    cfg = EngineConfig(kind="dry_run", options={"questions": 2})
     with ThreadPoolExecutor(8) as pool:
         engines = list(pool.map(lambda _: get_engine(cfg), range(16)))
     assert all(e is engines[0] for e in engines)
@@ -225,11 +252,6 @@ def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         bundled.prepare_bundled_model(tmp_path)
     assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")] == []
-
-
-def test_prepare_cli_prints_the_path(fake_convert, capsys):
-    path = bundled.prepare_cli()
-    assert capsys.readouterr().out.strip() == str(path)
 
 
 # --- OpenAI-compatible client against local stub servers ------------------------------------------

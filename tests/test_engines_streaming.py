@@ -98,7 +98,7 @@ def test_submit_returns_one_future_per_request_and_generate_waits_for_all():
 
 
 def test_batch_engine_gets_submit_and_objects_with_only_generate_are_adapted(scripted_engine):
-    from engines.fake import FakeEngine
+    from tests.plugins.fake import FakeEngine
 
     fake = FakeEngine(EngineConfig(kind="fake"))
     fake.load()

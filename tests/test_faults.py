@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engines.base import EngineError, Sampling, TransientEngineError, close_engines, get_engine, is_transient
-from engines.faults import FaultConfig, FaultInjector, split_options
+from engines.faults import FaultConfig, FaultInjector, injector
 from flows.build import RunFailed, rerun, run_build
 from flows.cli import app
 from models.config.engine import EngineConfig
@@ -131,10 +131,10 @@ def test_permanent_fault_only_while_its_switch_file_exists(tmp_path):
 
 def test_fault_options_are_checked_and_never_reach_the_engine(tmp_path):
     with pytest.raises(EngineError, match="engine.options.faults.*unknown fault kind"):
-        split_options({"faults": {"kinds": ["meteor"]}})
+        injector({"kinds": ["meteor"]})
     with pytest.raises(EngineError, match="engine.options.faults.*rate"):
-        split_options({"faults": {"rate": 2}})
-    assert split_options({"questions": 2}) == ({"questions": 2}, None)
+        get_engine(EngineConfig(kind="fake", options={"faults": {"rate": 2}}))
+    assert not isinstance(get_engine(EngineConfig(kind="fake", options={"questions": 2})), FaultInjector)
     report = tmp_path / "faults.json"
     eng = get_engine(EngineConfig(kind="fake", options={"questions": 2, "faults": {"rate": 0, "report": str(report)}}))
     assert isinstance(eng, FaultInjector) and eng.engine.config.options == {"questions": 2}
@@ -315,7 +315,7 @@ def test_second_writer_exits_3_and_the_first_run_is_intact(tmp_path, overrides):
 def test_shards_built_from_a_rebuilt_file_are_rebuilt_too(tmp_path, overrides, monkeypatch):
     """A deleted queries file is regenerated; with a sampling engine its rows differ, so the responses and
     everything after them in that shard are recomputed from the new rows instead of kept or reused."""
-    from engines.fake import FakeEngine
+    from tests.plugins.fake import FakeEngine
 
     calls = {"n": 0}
     real = FakeEngine._one

@@ -207,7 +207,7 @@ def test_engine_loads_once_per_run_in_the_background_while_the_source_is_read(tm
     import threading
 
     from engines import base
-    from engines.fake import FakeEngine
+    from tests.plugins.fake import FakeEngine
 
     threads = []
 
@@ -216,7 +216,7 @@ def test_engine_loads_once_per_run_in_the_background_while_the_source_is_read(tm
             threads.append(threading.current_thread().name)
             super().load()
 
-    monkeypatch.setattr("engines.fake.FakeEngine", Recording)
+    monkeypatch.setattr("tests.plugins.fake.FakeEngine", Recording)
     base.close_engines()
     try:
         s = run_build(overrides=fake_overrides, home=tmp_path / "h", until="responses")
@@ -369,3 +369,59 @@ def test_dashboard_run_page_shows_wall_time_tok_s_the_timeline_and_what_changed(
     assert 'id="timeline"' in html and html.count('class="task"') == 4
     assert 'id="changes"' in html and first in html
     assert 'id="run-metrics"' in html and "completion tok/s" in html
+
+
+def test_the_engines_a_run_loads_are_those_its_stages_declare():
+    from flows.build import run_engine_configs
+    from flows.stages import get_stage
+    from models.config import load_config
+
+    cfg = load_config(overrides=["engine.kind=fake", "filter.judge.enabled=false"])
+    assert [get_stage(n).engine_configs(cfg) for n in ("characters", "filter", "dedup", "sft_data")] == [[]] * 4
+    assert run_engine_configs(cfg, ["characters", "queries", "responses", "filter"]) == [cfg.engine]
+    assert run_engine_configs(cfg, ["characters"]) == []
+    judged = load_config(overrides=["engine.kind=fake", "filter.judge.enabled=true",
+                                    "filter.judge.engine={kind: fake, model: judge}"])
+    assert get_stage("filter").engine_configs(judged) == [judged.filter.judge.engine]
+    assert run_engine_configs(judged, ["characters", "queries", "filter"]) == [judged.engine, judged.filter.judge.engine]
+    own = load_config(overrides=["engine.kind=fake", "filter.judge.enabled=true"])  # the judge is the run's engine
+    assert run_engine_configs(own, ["characters", "queries", "responses", "filter"]) == [own.engine]
+
+
+def test_dry_run_config_puts_the_dry_run_engine_everywhere_and_loads_no_model():
+    from flows.dry_run import dry_run_config
+
+    cfg = dry_run_config(None, ["engine.kind=vllm", "filter.judge.engine={kind: openai, model: big}",
+                                "eval.judge={kind: openai, model: big}", "train.enabled=true"])
+    assert cfg["engine"]["kind"] == cfg["filter"]["judge"]["engine"]["kind"] == cfg["eval"]["judge"]["kind"] == "dry_run"
+    assert not (cfg["filter"]["identity"]["enabled"] or cfg["filter"]["relevance"]["enabled"] or cfg["train"]["enabled"])
+    assert cfg["sft"]["chat_template_model"] == "chatml" and cfg["eval"]["engine_kind"] is None
+
+
+def test_dry_run_runs_the_whole_dag_in_a_throwaway_home_and_shows_the_plan(tmp_path, chars_file, monkeypatch):
+    """`ditto run --dry-run` on a config naming a real engine: only the product's registry, no model, nothing
+    written to --home; per stage the shards, rows and the columns of the stage's record."""
+    from typer.testing import CliRunner
+
+    from engines import base
+    from flows.cli import app
+    from flows.stages import STAGE_ORDER, get_stage
+    from models.base import arrow_schema
+
+    monkeypatch.setattr(base, "ENGINES", {k: v for k, v in base.ENGINES.items() if not v.startswith("tests.")})
+    home = tmp_path / "home"
+    args = ["run", "--dry-run", "--json", "--home", str(home)]
+    for o in ["engine.kind=vllm", "characters.source=jsonl", f"characters.path={chars_file}", "runner.num_shards=4"]:
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["status"] == "completed" and plan["num_shards"] == 4 and plan["engine"] == "dry_run"
+    assert [s["stage"] for s in plan["stages"]] == STAGE_ORDER
+    by = {s["stage"]: s for s in plan["stages"]}
+    assert all(s["shards"] == 4 and s["failed"] == 0 for s in plan["stages"])
+    assert by["characters"]["rows"] == 8 and by["queries"]["rows"] > 0 and by["sft_data"]["rows"] > 0
+    assert [c.split(":")[0] for c in by["sft_data"]["columns"]] == arrow_schema(get_stage("sft_data").output).names
+    assert not home.exists() and not base._loaded  # nothing kept, every engine closed
+    refused = CliRunner().invoke(app, ["run", "--dry-run", "--set", "nosuch.key=1"])
+    assert refused.exit_code == 2 and "nosuch" in refused.output

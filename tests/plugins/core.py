@@ -10,29 +10,11 @@ import pytest
 from models.config import RunConfig
 from models.records import Character, Rejection
 from tasks.base import SourceStage
+from tasks.sources.synthetic import synthetic_characters as make_characters  # noqa: F401 - for the tests
+from tasks.sources.synthetic import write_characters
+from tests.plugins.fake import register_fake_engine
 
-NAMES = [
-    ("Q1", "Ada Lovelace", "English mathematician", "real"),
-    ("Q2", "Sherlock Holmes", "fictional detective created by Arthur Conan Doyle", "fictional"),
-    ("Q3", "Napoleon", "French emperor", "real"),
-    ("Q4", "Sun Wukong", "Monkey King of Journey to the West", "fictional"),
-    ("Q5", "Marie Curie", "physicist and chemist", "real"),
-    ("Q6", "James Bond", "fictional British spy", "fictional"),
-    ("Q7", "Cleopatra", "queen of Ptolemaic Egypt", "real"),
-    ("Q8", "Frodo Baggins", "hobbit of the Shire", "fictional"),
-]
-
-
-def make_characters(n: int = 8, language: str = "en") -> list[dict]:
-    out = []
-    for i in range(n):
-        qid, label, desc, cat = NAMES[i % len(NAMES)]
-        qid = qid if i < len(NAMES) else f"Q{100 + i}"
-        out.append(Character(id=qid, label=label if i < len(NAMES) else f"{label} {i}", description=desc,
-                             category=cat, language=language, popularity=100 - i,
-                             summary=f"{label} is {desc}. " * 4, article=f"{label} is {desc}. " * 8,
-                             source="jsonl").model_dump())
-    return out
+register_fake_engine()  # engine.kind=fake in every test (tests/plugins/cli.py does it for subprocesses)
 
 
 class ListSource(SourceStage):
@@ -65,9 +47,7 @@ def list_source(monkeypatch):
 
 @pytest.fixture
 def chars_file(tmp_path) -> Path:
-    p = tmp_path / "chars.jsonl"
-    p.write_text("\n".join(json.dumps(c) for c in make_characters(8)) + "\n")
-    return p
+    return write_characters(tmp_path / "chars.jsonl", 8)
 
 
 @pytest.fixture

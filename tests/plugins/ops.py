@@ -189,7 +189,7 @@ class NoisyEngine:
         import subprocess
         import sys
 
-        from engines.fake import FakeEngine
+        from tests.plugins.fake import FakeEngine
 
         class _Noisy(FakeEngine):
             kind = "noisy"

@@ -1,20 +1,18 @@
-"""A deterministic zero-cost engine for logic tests and orchestration benchmarks. Not a product engine:
-it writes plausible-shaped text derived from a hash of the prompt, with no model behind it. With a JSON
-schema it returns a minimal instance of that schema (questions for the query stage, scores for judges).
-
-Options (engine.options): fail_on (a substring: prompts containing it raise a permanent EngineError),
-fail_while_exists (fail_on applies only while this file exists), transient_failures (the first N calls
-raise TransientEngineError; a call is one submitted request or one generate() list).
-Its `submit` completes synchronously (the base class runs `_generate` on the one request)."""
+"""The dry-run engine (`engine.kind: dry_run`; `ditto run --dry-run` puts it behind every engine): the whole DAG
+at zero cost. No model behind it: each answer is plausible-shaped text derived from a hash of the prompt
+(English or Chinese after the prompt's language), and with a JSON schema a minimal instance of that schema
+(questions for the query stage, scores for the judge), so every stage runs its real parsing, filters, dedup
+and SFT rendering on rows of the real shapes. Deterministic: the same prompt and engine seed give the same
+text. Its `submit` completes synchronously (the base class runs `_generate` on the one request). The
+orchestration benchmarks and the tests' fake engine build on it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any
 
-from engines.base import Engine, EngineError, Generation, Message, Sampling, TransientEngineError
+from engines.base import Engine, Generation, Message, Sampling
 from models.ids import content_hash
 
 WORDS = ("river mountain letter winter garden voyage theory music battle harbour lantern empire treaty "
@@ -63,16 +61,14 @@ def instance(schema: dict[str, Any], rnd, zh: bool) -> Any:
     return text[: schema.get("maxLength", 300)]
 
 
-class FakeEngine(Engine):
-    kind = "fake"
+class DryRunEngine(Engine):
+    kind = "dry_run"
     in_process = False  # nothing to batch
-
-    def load(self) -> None:
-        self.calls = 0
+    has_model = False
 
     @property
     def model_id(self) -> str:
-        return "fake@" + content_hash(self.config.options, 8)
+        return f"{self.kind}@" + content_hash(self.config.options, 8)
 
     def _one(self, chat: list[Message], sp: Sampling) -> str:
         rnd = _stream(content_hash([chat, self.config.seed], 16))
@@ -85,14 +81,6 @@ class FakeEngine(Engine):
                 f"shaped my life, and the {_words(rnd, 3, False)} still stays with me.")
 
     def _generate(self, chats: list[list[Message]], sampling: list[Sampling]) -> list[Generation]:
-        self.calls += 1
-        opts = self.config.options
-        fail_on, switch = opts.get("fail_on"), opts.get("fail_while_exists")
-        if fail_on and (switch is None or os.path.exists(switch)) and any(
-                fail_on in m["content"] for chat in chats for m in chat):
-            raise EngineError(f"fake engine: permanent failure on a prompt containing {fail_on!r}")
-        if self.calls <= int(opts.get("transient_failures", 0)):
-            raise TransientEngineError(f"fake engine: transient failure {self.calls}")
         out = []
         for chat, sp in zip(chats, sampling, strict=True):
             text = self._one(chat, sp)
