@@ -10,7 +10,8 @@ BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 
 
 class EngineConfig(Strict):
-    kind: str = Field("vllm", description="engine name in the registry: vllm | openai | transformers")
+    kind: str = Field("vllm", description="engine name in the registry: vllm | openai | transformers | dry_run "
+                                           "(placeholder text, no model: what `ditto run --dry-run` uses)")
     model: str = Field(BUNDLED_MODEL, description="local path, HF model id, or the bundled offline model")
     revision: str | None = Field(None, description="model revision (HF) recorded in every generated row's hash")
     dtype: str = Field("auto", description="torch dtype for vllm/transformers")
