@@ -85,7 +85,7 @@ def _module_file(name: str) -> Path | None:
     return Path(spec.origin)
 
 
-def _imports(path: Path, module: str) -> set[str]:
+def module_imports(path: Path, module: str) -> set[str]:
     """Modules named by import statements anywhere in the file (function-level lazy imports too)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out: set[str] = set()
@@ -120,7 +120,7 @@ def stage_modules(name: str, stage: Stage | None = None) -> list[str]:
         seen[mod] = path
         if mod in SHARED_CODE:
             continue  # schemas only; what they import is not the stage's code
-        todo += [m for m in _imports(path, mod) if m.split(".")[0] in allowed and m not in seen]
+        todo += [m for m in module_imports(path, mod) if m.split(".")[0] in allowed and m not in seen]
     return sorted(seen)
 
 

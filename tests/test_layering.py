@@ -10,10 +10,11 @@ listed in KNOWN with why; the list may only shrink."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from flows.stages import module_imports  # the parser code_hash uses: one reading of imports
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "storage", "engines", "tasks", "flows", "dashboard")
@@ -39,30 +40,12 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imported(module: str, path: Path) -> set[str]:
-    """Every module name an import statement of the file names (`from a import b` names a and a.b)."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from the file's package, one level up per extra dot
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join([*base, *([node.module] if node.module else [])])
-            else:
-                target = node.module or ""
-            names.add(target)
-            names.update(f"{target}.{a.name}" for a in node.names)
-    return names
-
-
 def _edges() -> set[tuple[str, str]]:
     """(module, module it imports) between product modules, plus (module, "tests"/"benchmarks") edges."""
     modules = _modules()
     edges = set()
     for module, path in modules.items():
-        for name in _imported(module, path):
+        for name in module_imports(path, module):
             if name.split(".")[0] in NEVER:
                 edges.add((module, name))
                 continue
@@ -127,7 +110,7 @@ def test_the_parser_sees_module_level_function_level_and_relative_imports(tmp_pa
     src.parent.mkdir()
     src.write_text("import a.b\nfrom c import d\nfrom . import sibling\nfrom ..up import x\n"
                    "def f():\n    from flows.train import resume\n")
-    assert _imported("top.pkg.mod", src) == {"a.b", "c", "c.d", "top.pkg", "top.pkg.sibling", "top.up",
+    assert module_imports(src, "top.pkg.mod") == {"a.b", "c", "c.d", "top.pkg", "top.pkg.sibling", "top.up",
                                               "top.up.x", "flows.train", "flows.train.resume"}
     # what the checks make of a forbidden edge and of a cycle
     assert _against_the_rule({("dashboard.app", "flows.stages"), ("flows.cli", "dashboard.app"),
