@@ -621,7 +621,7 @@ def dashboard(home: HomeOpt = None, port: Annotated[int, typer.Option(help="port
 @app.command()
 def deploy(prefect_yaml: Annotated[Path, typer.Argument(help="deployments file")] = Path("deploy/prefect.yaml"),
            ) -> None:
-    """Apply the Prefect deployments (nightly build_dataset, train, evaluate) and their work pools."""
+    """Apply the Prefect deployments (nightly build_dataset, train, evaluate, crosssup) and their work pools."""
     from flows.deploy import DeployError, deploy_all
 
     try:

@@ -399,6 +399,36 @@ def test_evaluate_flow_with_the_fake_engine_counts_unparseable_judging(tmp_path,
     assert summary["info"]["judge"].startswith("fake:")
 
 
+def test_evaluation_results_resume_from_the_catalog_and_a_damaged_file_is_judged_again(
+        tmp_path, tiny_run_config, monkeypatch):
+    import flows.evaluate
+
+    calls: list[str] = []
+    real = flows.evaluate.evaluate_model
+    monkeypatch.setattr(flows.evaluate, "evaluate_model", lambda items, name, *a, **kw: (
+        calls.append(name), real(items, name, *a, **kw))[1])
+    home = tmp_path / "h"
+    chars = make_characters()
+    config = tiny_run_config(engine={"kind": "fake"}, sft={"chat_template_model": None})
+    for run in ("rf1", "rf2"):  # two runs with the same held-out sessions
+        build_run(home, run, characters=chars, sessions=make_sessions(chars), config=config)
+    first = run_evaluation("rf1", home, ["base"])
+    assert calls == ["base"] and run_evaluation("rf1", home, ["base"])["metrics"] == first["metrics"]
+    other = run_evaluation("rf2", home, ["base"])  # same items, settings and model: the results are reused
+    assert calls == ["base"] and other["metrics"] == first["metrics"] and "/runs/rf1/" in other["results"]["base"]
+    with CatalogReader(home) as reader:
+        assert {r["model"] for r in reader.query("SELECT model FROM evaluations WHERE run_id='rf2'")} == {"base"}
+
+    results = Path(first["results"]["base"])
+    data = bytearray(results.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    results.write_bytes(bytes(data))  # damaged: judged again, not read
+    again = run_evaluation("rf2", home, ["base"])
+    assert calls == ["base", "base"] and again["metrics"] == first["metrics"] and "/runs/rf2/" in again["results"]["base"]
+    run_evaluation("rf2", home, ["base"], ["eval.judge_samples=1"])  # another key
+    assert calls == ["base", "base", "base"]
+
+
 def test_evaluate_flow_on_a_wikiroleeval_file(train_home, tmp_path):
     rec = {"system": "You are Alice, a girl.", "prompts": ["Question 0 for Alice?", "Question 1 for Alice?"],
            "role_consist_cands": ["Alice", "Napoleon"], "rejection_labels": [0, 1],
