@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from models.config import RunConfig
@@ -48,35 +49,27 @@ def _model_id(engine_cfg) -> str:
         return f"{engine_cfg.model}@{engine_cfg.revision or 'main'}"
 
 
+# The chain, cheapest first: (config section of filter.*, how to build its filter). A section's `enabled` decides.
+CHAIN: list[tuple[str, Callable[[StageContext, Any, dict[str, dict], Stats], Filter]]] = [
+    ("format", lambda ctx, cfg, chars, stats: FormatFilter(cfg)),
+    ("length", lambda ctx, cfg, chars, stats: LengthFilter(cfg)),
+    ("language", lambda ctx, cfg, chars, stats: LanguageFilter(cfg)),
+    ("meta_talk", lambda ctx, cfg, chars, stats: MetaTalkFilter(cfg)),
+    ("out_of_role", lambda ctx, cfg, chars, stats: OutOfRoleFilter(cfg, chars)),
+    ("degeneration", lambda ctx, cfg, chars, stats: DegenerationFilter(cfg)),
+    ("other_character", lambda ctx, cfg, chars, stats: OtherCharacterFilter(cfg, chars)),
+    ("first_person", lambda ctx, cfg, chars, stats: FirstPersonFilter(cfg)),
+    ("refusal", lambda ctx, cfg, chars, stats: RefusalFilter(cfg)),
+    ("relevance", lambda ctx, cfg, chars, stats: RelevanceFilter(cfg)),
+    ("identity", lambda ctx, cfg, chars, stats: IdentityFilter(cfg, chars, seed=ctx.seed)),
+    ("judge", lambda ctx, cfg, chars, stats: JudgeFilter(
+        cfg, ctx.engine(judge_engine_config(cfg, ctx.config.engine)), stats, seed=ctx.seed)),
+]
+
+
 def build_chain(ctx: StageContext, characters: dict[str, dict], stats: Stats) -> list[Filter]:
     cfg = ctx.config.filter
-    chain: list[Filter] = []
-    if cfg.format.enabled:
-        chain.append(FormatFilter(cfg.format))
-    if cfg.length.enabled:
-        chain.append(LengthFilter(cfg.length))
-    if cfg.language.enabled:
-        chain.append(LanguageFilter(cfg.language))
-    if cfg.meta_talk.enabled:
-        chain.append(MetaTalkFilter(cfg.meta_talk))
-    if cfg.out_of_role.enabled:
-        chain.append(OutOfRoleFilter(cfg.out_of_role, characters))
-    if cfg.degeneration.enabled:
-        chain.append(DegenerationFilter(cfg.degeneration))
-    if cfg.other_character.enabled:
-        chain.append(OtherCharacterFilter(cfg.other_character, characters))
-    if cfg.first_person.enabled:
-        chain.append(FirstPersonFilter(cfg.first_person))
-    if cfg.refusal.enabled:
-        chain.append(RefusalFilter(cfg.refusal))
-    if cfg.relevance.enabled:
-        chain.append(RelevanceFilter(cfg.relevance))
-    if cfg.identity.enabled:
-        chain.append(IdentityFilter(cfg.identity, characters, seed=ctx.seed))
-    if cfg.judge.enabled:
-        engine = ctx.engine(judge_engine_config(cfg.judge, ctx.config.engine))
-        chain.append(JudgeFilter(cfg.judge, engine, stats, seed=ctx.seed))
-    return chain
+    return [make(ctx, getattr(cfg, name), characters, stats) for name, make in CHAIN if getattr(cfg, name).enabled]
 
 
 class FilterStage(Stage):

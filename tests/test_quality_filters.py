@@ -189,6 +189,42 @@ def test_evaluation_counts_what_the_filter_drops_as_out_of_role(cid, answer):
     assert is_out_of_role(answer, c["language"], c["label"])
 
 
+def test_filter_and_evaluation_embed_through_one_loader(monkeypatch):
+    """Identity and relevance in the filter, identity_embed in the evaluation: one model loader
+    (tasks/embeddings.py), each with its own input cut."""
+    import numpy as np
+
+    from models.eval_records import Candidate, EvalItem
+    from tasks import embeddings
+    from tasks.evaluate import embed_identity
+    from tasks.filters.identity import IdentityFilter
+    from tasks.filters.quality import similarities
+
+    loaded: list[tuple[str, int | None]] = []
+
+    class Letters:  # a bag-of-letters embedding: texts sharing words land close
+        def encode(self, texts, **kw):
+            v = np.array([[t.lower().count(ch) for ch in "abcdefghijklmnopqrstuvwxyz"] for t in texts], float)
+            return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
+
+    def embedder(name=embeddings.BUNDLED, max_seq_length=None):
+        loaded.append((name, max_seq_length))
+        return Letters()
+
+    monkeypatch.setattr(embeddings, "embedder", embedder)
+    cfg = filter_config().filter
+    assert similarities(["Who are you?"], ["I am who I am."], cfg.relevance).shape == (1,)
+    napoleon = BY_ID["Q517@en"]
+    en = {cid: c for cid, c in BY_ID.items() if c["language"] == "en"}
+    IdentityFilter(cfg.identity, en).apply([Item(row=make_turn("Q517@en", "x"), character=napoleon, answer="x")])
+    item = EvalItem(id="e", session_id="s", turn=0, character_id="Q1@en", label="Ada", language="en", system="",
+                    question="q", should_refuse=False, candidates=[Candidate(label="Ada"), Candidate(label="Zed")],
+                    correct=0)
+    assert embed_identity([item], {"e": "Ada Ada"}) == {"e": 0}
+    assert loaded == [(cfg.relevance.model, cfg.relevance.max_seq_length)] * 2 + [
+        (cfg.identity.model, cfg.identity.max_seq_length)] * 2 + [(embeddings.BUNDLED, None)] * 2
+
+
 @pytest.mark.parametrize("cid,answer", IN_ROLE)
 def test_evaluation_keeps_in_role_answers(cid, answer):
     from tasks.evaluate import is_out_of_role, is_refusal

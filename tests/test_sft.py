@@ -8,6 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from models.base import arrow_schema
 from models.config import load_config
 from models.records import SFTExample
 from storage.reader import CatalogReader
@@ -127,6 +128,9 @@ def test_export_hf_writes_dataset_parquet_and_card(train_home, tmp_path):
     assert dd["train"][0]["messages"][0]["role"] == "system"
     for split in dd:
         assert pq.read_table(out / "data" / f"{split}-00000-of-00001.parquet").num_rows == len(dd[split])
+        # the export's Features are the shards' schema, derived from SFTExample: every field, in order, same types
+        assert dd[split].features.arrow_schema == pq.read_schema(paths[0]) == arrow_schema(SFTExample)
+        assert list(dd[split].features) == list(SFTExample.model_fields)
     card = (out / "README.md").read_text()
     assert "license: cc-by-sa-4.0" in card and "r1" in card and run["config_hash"] in card
     assert "CC BY-SA" in card and "| train | en |" in card
