@@ -22,12 +22,16 @@ import re
 import secrets
 import threading
 import time
+from collections import Counter
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 import duckdb
 
+from models.stats import Stats
+from storage.layout import REJECTED_DIR, RUNS_DIR
 from storage.shards import _fsync_dir, file_sha256, shard_is_whole, write_table
 
 SNAPSHOT_DIR = "snapshot"
@@ -37,6 +41,27 @@ LOCK_FILE = "catalog.lock"
 CATALOG_FILE = "catalog.duckdb"
 TABLES = ("runs", "shards", "stage_stats", "models", "evaluations", "source_snapshots", "source_pins", "artifacts")
 PATH_COLUMNS = {"shards": ("path", "rejects_path"), "models": ("path",), "artifacts": ("path",)}
+_SQL_TYPES = {int: "BIGINT", float: "DOUBLE", Counter: "JSON"}
+
+
+def stats_columns(cls: type = Stats) -> dict[str, str]:
+    """stage_stats' columns from the `Stats` dataclass: each field that is summed over a stage's shards (not
+    marked per-shard), with its SQL type (int BIGINT, float DOUBLE, Counter JSON merged by key)."""
+    hints = get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        if not f.metadata.get("per_shard"):
+            t = hints[f.name]
+            out[f.name] = _SQL_TYPES[get_origin(t) or t]
+    return out
+
+
+STATS_COLUMNS = stats_columns()
+
+
+def stats_zero() -> dict[str, Any]:
+    """Each Stats column's value over no shard: 0, 0.0 or {}."""
+    return {c: {} if t == "JSON" else 0.0 if t == "DOUBLE" else 0 for c, t in STATS_COLUMNS.items()}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -51,8 +76,7 @@ CREATE TABLE IF NOT EXISTS shards (
     PRIMARY KEY (run_id, stage, shard));
 CREATE TABLE IF NOT EXISTS stage_stats (
     run_id VARCHAR, stage VARCHAR, shards_total INTEGER, shards_done INTEGER, shards_failed INTEGER,
-    shards_reused INTEGER, rows_in BIGINT, rows_out BIGINT, dropped JSON, requests BIGINT,
-    prompt_tokens BIGINT, completion_tokens BIGINT, format_failures BIGINT, seconds DOUBLE,
+    shards_reused INTEGER, """ + ", ".join(f"{c} {t}" for c, t in STATS_COLUMNS.items()) + """,
     updated_at TIMESTAMP, metrics JSON, PRIMARY KEY (run_id, stage));
 CREATE TABLE IF NOT EXISTS models (
     model_id VARCHAR PRIMARY KEY, run_id VARCHAR, path VARCHAR, base_model VARCHAR, data_hash VARCHAR,
@@ -71,7 +95,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
     created_at TIMESTAMP, PRIMARY KEY (kind, key));
 """
 
-# catalogs written by earlier versions: the columns added since (appended, in SCHEMA's order)
+# catalogs written by earlier versions: the columns added since (appended, in SCHEMA's order); a Stats field
+# added since is added by _stats_migrations
 MIGRATIONS = """
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS sha256 VARCHAR;
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS rejects_bytes BIGINT;
@@ -87,8 +112,13 @@ CREATE INDEX IF NOT EXISTS stage_stats_by_run ON stage_stats (run_id);
 """
 
 SHARD_STATUSES = ("pending", "running", "done", "failed")
+
+
+def _stats_migrations() -> str:
+    """Every Stats column, for a catalog written before its field existed (a no-op where it exists)."""
+    return "".join(f"ALTER TABLE stage_stats ADD COLUMN IF NOT EXISTS {c} {t};\n" for c, t in STATS_COLUMNS.items())
 # a registered shard path from an earlier layout (absolute, maybe under a home that has moved since)
-LEGACY_SHARD_PATH = r"^.*/(runs/[^/]+/(?:rejected/)?[^/]+/[^/]+/part-[0-9]+\.parquet)$"
+LEGACY_SHARD_PATH = rf"^.*/({RUNS_DIR}/[^/]+/(?:{REJECTED_DIR}/)?[^/]+/[^/]+/part-[0-9]+\.parquet)$"
 _WRITE_SQL = re.compile(r"^\s*(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE|DELETE\s+FROM|ALTER\s+TABLE|TRUNCATE"
                         r"(?:\s+TABLE)?)\s+([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
 ALL = object()  # the whole table is dirty
@@ -280,6 +310,7 @@ class Catalog:
     def _prepare(self, con: Any) -> None:
         con.execute(SCHEMA)
         con.execute(MIGRATIONS)
+        con.execute(_stats_migrations())
         con.execute(INDEXES)
         self._migrate_paths(con)
 
@@ -587,21 +618,21 @@ class Catalog:
 
     # -- stats ------------------------------------------------------------------------------
     def update_stage_stats(self, run_id: str, stage: str, metrics: dict | None = None) -> dict:
-        """Aggregate the stage's done shards into stage_stats. `metrics`: extra stage metrics (JSON), merged
-        into those recorded before (a key given again replaces its value)."""
+        """Aggregate the stage's done shards into stage_stats: each Stats column summed (a JSON one merged by
+        key) over the shards' stats. `metrics`: extra stage metrics (JSON), merged into those recorded before
+        (a key given again replaces its value)."""
         rows = self.shards(run_id, stage)
-        agg: dict[str, Any] = {k: 0 for k in ("rows_in", "rows_out", "requests", "prompt_tokens",
-                                               "completion_tokens", "format_failures")}
-        agg["seconds"] = 0.0
-        dropped: dict[str, int] = {}
+        agg = stats_zero()
         for r in rows:
             if r["status"] != "done" or not r["stats"]:
                 continue
             st = json.loads(r["stats"])
-            for k in agg:
-                agg[k] += st.get(k, 0) or 0
-            for reason, n in (st.get("dropped") or {}).items():
-                dropped[reason] = dropped.get(reason, 0) + n
+            for c, total in agg.items():
+                if isinstance(total, dict):
+                    for key, n in (st.get(c) or {}).items():
+                        total[key] = total.get(key, 0) + n
+                else:
+                    agg[c] = total + (st.get(c, 0) or 0)
         counts = {s: sum(1 for r in rows if r["status"] == s) for s in SHARD_STATUSES}
         reused = sum(1 for r in rows if r["reused_from"])
         prev = self._con.execute("SELECT metrics FROM stage_stats WHERE run_id=? AND stage=?",
@@ -609,16 +640,15 @@ class Catalog:
         merged = json.loads(prev[0][0]) if prev and prev[0][0] else {}
         if metrics:
             merged.update(json.loads(json.dumps(metrics, default=str)))
-        self._tx(
-            "INSERT OR REPLACE INTO stage_stats (run_id, stage, shards_total, shards_done, shards_failed, "
-            "shards_reused, rows_in, rows_out, dropped, requests, prompt_tokens, completion_tokens, "
-            "format_failures, seconds, updated_at, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, stage, len(rows), counts["done"], counts["failed"], reused, agg["rows_in"], agg["rows_out"],
-             json.dumps(dropped), agg["requests"], agg["prompt_tokens"], agg["completion_tokens"],
-             agg["format_failures"], agg["seconds"], now(), json.dumps(merged) if merged else None],
-            touch={"stage_stats": run_id})
+        cols = ["run_id", "stage", "shards_total", "shards_done", "shards_failed", "shards_reused", *agg,
+                "updated_at", "metrics"]
+        values = [run_id, stage, len(rows), counts["done"], counts["failed"], reused,
+                  *(json.dumps(v) if isinstance(v, dict) else v for v in agg.values()), now(),
+                  json.dumps(merged) if merged else None]
+        self._tx(f"INSERT OR REPLACE INTO stage_stats ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                 values, touch={"stage_stats": run_id})
         self.snapshot()
-        return {**agg, "dropped": dropped, **counts, "reused": reused, "metrics": merged}
+        return {**agg, **counts, "reused": reused, "metrics": merged}
 
     # -- models and evaluations -------------------------------------------------------------
     def register_model(self, model_id: str, run_id: str, path: str, base_model: str, data_hash: str,

@@ -33,6 +33,7 @@ from storage.catalog import (
     read_snapshot_sql,
     snapshot_exists,
     snapshot_files,
+    stats_zero,
 )
 from storage.report import stats_of
 from storage.shards import shard_problem
@@ -118,8 +119,8 @@ class CatalogReader:
     def stage_stats(self, run_id: str) -> list[dict]:
         rows = self.query("SELECT * FROM stage_stats WHERE run_id=?", [run_id])
         for r in rows:
-            r["dropped"] = json.loads(r["dropped"]) if r["dropped"] else {}
-            r["metrics"] = json.loads(r["metrics"]) if r.get("metrics") else {}
+            for col in (*(c for c, zero in stats_zero().items() if isinstance(zero, dict)), "metrics"):
+                r[col] = json.loads(r[col]) if r.get(col) else {}
         return rows
 
     def run_summaries(self) -> list[dict[str, Any]]:
@@ -234,9 +235,8 @@ def _stage_summary(name: str, shards: list[dict], st: dict[str, Any], verify: bo
         "reused": sum(1 for s in shards if s["reused_from"]),
         "rows": sum(s["rows"] or 0 for s in done),
         "rejected": sum(s["rejected_rows"] or 0 for s in done),
-        **{k: st.get(k) or 0 for k in ("rows_in", "rows_out", "requests", "prompt_tokens", "completion_tokens",
-                                       "format_failures")},
-        "seconds": float(st.get("seconds") or 0.0), "dropped": st.get("dropped") or {}, "metrics": metrics,
+        **{c: st.get(c) or zero for c, zero in stats_zero().items()},  # the Stats columns' sums
+        "metrics": metrics,
         "wall_s": round(wall, 1) if wall else None,
         "tokens_per_second": metrics.get("completion_tokens_per_wall_s") if wall else None,
         "rows_per_second": round((st.get("rows_out") or 0) / wall, 2) if wall else None,

@@ -11,7 +11,6 @@ The Prefect task in flows/build.py is a thin wrapper adding retries, names and t
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,39 +20,7 @@ from models.base import Record
 from models.config import RunConfig
 from models.config.engine import EngineConfig
 from models.records import Rejection
-
-
-@dataclass
-class Stats:
-    """Per-shard accounting; summed into stage_stats by the catalog."""
-
-    rows_in: int = 0
-    rows_out: int = 0
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    format_failures: int = 0
-    seconds: float = 0.0
-    dropped: Counter = field(default_factory=Counter)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def count_generations(self, gens: list) -> None:
-        self.requests += len(gens)
-        self.prompt_tokens += sum(g.prompt_tokens for g in gens)
-        self.completion_tokens += sum(g.completion_tokens for g in gens)
-        cached = [g for g in gens if getattr(g, "cached", False)]  # served by the generation cache
-        self.extra["cache_hits"] = self.extra.get("cache_hits", 0) + len(cached)
-        self.extra["cache_misses"] = self.extra.get("cache_misses", 0) + len(gens) - len(cached)
-        if cached:  # tokens counted above that no engine spent this time
-            for key in ("prompt_tokens", "completion_tokens"):
-                self.extra[f"cached_{key}"] = self.extra.get(f"cached_{key}", 0) + sum(getattr(g, key) for g in cached)
-
-    def as_dict(self) -> dict[str, Any]:
-        tps = self.completion_tokens / self.seconds if self.seconds else 0.0
-        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "requests": self.requests,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "format_failures": self.format_failures, "seconds": round(self.seconds, 4),
-                "tokens_per_second": round(tps, 2), "dropped": dict(self.dropped), **self.extra}
+from models.stats import Stats
 
 
 @dataclass

@@ -1,9 +1,11 @@
+import dataclasses
 import os
 import re
 import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import duckdb
@@ -12,8 +14,17 @@ import pytest
 
 from models.base import arrow_schema, from_table, to_table
 from models.records import Query, Session, SessionTurn, Turn
-from storage import shards
-from storage.catalog import LEGACY_SHARD_PATH, SNAPSHOT_DIR, Catalog, CatalogBusy, CatalogError, catalog_held
+from models.stats import Stats
+from storage import catalog, shards
+from storage.catalog import (
+    LEGACY_SHARD_PATH,
+    SNAPSHOT_DIR,
+    Catalog,
+    CatalogBusy,
+    CatalogError,
+    catalog_held,
+    stats_columns,
+)
 from storage.layout import InvalidRunId, RunLayout, validate_run_id
 from storage.reader import CatalogReader, NoCatalog, ShardDamaged, SnapshotMissing
 
@@ -127,7 +138,7 @@ def test_unusable_home_is_a_clear_error(tmp_path):
 # -- paths relative to the home, integrity, run ids, temp files, snapshot, creation --------------------
 
 
-def _register(cat, home, run_id="r1", stage="queries", shard=0, rows=3, rejects=False, h="h0"):
+def _register(cat, home, run_id="r1", stage="queries", shard=0, rows=3, rejects=False, h="h0", stats=None):
     path = RunLayout(home, run_id).shard(stage, h, shard)
     size = shards.write_table(pa.table({"id": [f"{run_id}-{i}" for i in range(rows)]}), path)
     rpath = None
@@ -135,7 +146,7 @@ def _register(cat, home, run_id="r1", stage="queries", shard=0, rows=3, rejects=
         rpath = RunLayout(home, run_id).shard(stage, h, shard, kind="rejected")
         shards.write_table(pa.table({"row_id": ["x"], "filter": ["f"]}), rpath)
     cat.mark_done(run_id, stage, shard, h, rows=rows, path=str(path), bytes_=size,
-                  rejects_path=str(rpath) if rpath else None, rejected_rows=1 if rejects else 0, stats={"rows_out": rows})
+                  rejects_path=str(rpath) if rpath else None, rejected_rows=1 if rejects else 0, stats=stats or {"rows_out": rows})
     return path, rpath
 
 
@@ -214,6 +225,49 @@ def test_a_catalog_of_the_previous_layout_opens_and_migrates_in_place(tmp_path):
     with CatalogReader(home) as rd:
         assert {r["run_id"] for r in rd.runs()} == {"old", "new"}
         assert rd.stage_stats("old")[0]["metrics"] == {"cache_hits": 2}
+
+
+def test_stage_stats_columns_are_the_stats_fields(tmp_path):
+    summed = [f.name for f in dataclasses.fields(Stats) if not f.metadata.get("per_shard")]
+    assert list(stats_columns()) == summed and "extra" not in summed
+    with Catalog(tmp_path) as cat:
+        cols = [r["column_name"] for r in cat.query(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'stage_stats'")]
+        assert set(cols) == {"run_id", "stage", "shards_total", "shards_done", "shards_failed", "shards_reused",
+                             "updated_at", "metrics", *summed}
+        cat.start_run("r1", "d", {}, "h", "v")
+        st = Stats(**{f: 2 for f in summed if f != "dropped"}, dropped=Counter({"judge": 1}))
+        for shard in (0, 1):
+            _register(cat, tmp_path, shard=shard, stats=st.as_dict())
+        got = cat.update_stage_stats("r1", "queries")
+    expect = {f: 4 for f in summed if f != "dropped"} | {"dropped": {"judge": 2}}
+    assert {f: got[f] for f in summed} == expect
+    with CatalogReader(tmp_path) as rd:
+        assert {f: rd.stage_stats("r1")[0][f] for f in summed} == expect
+        assert {f: rd.stage_summaries("r1")[0][f] for f in summed} == expect
+
+
+def test_a_new_stats_field_needs_no_sql_and_reaches_old_catalogs(tmp_path, monkeypatch):
+    """A field added to Stats (summed, or a Counter merged by key) becomes a stage_stats column of a catalog
+    written before it existed, is summed from the shards' stats and read back by the reader."""
+    with Catalog(tmp_path) as cat:  # a catalog of the version before the new fields
+        cat.start_run("r1", "d", {}, "h", "v")
+        _register(cat, tmp_path, shard=0, stats=Stats(rows_out=3).as_dict())
+        cat.update_stage_stats("r1", "queries")
+    newer = dataclasses.make_dataclass("Stats", [("retries", int, 0), ("by_language", Counter,
+                                                                       dataclasses.field(default_factory=Counter))],
+                                       bases=(Stats,))
+    monkeypatch.setattr(catalog, "STATS_COLUMNS", stats_columns(newer))
+    with Catalog(tmp_path) as cat:
+        _register(cat, tmp_path, shard=1, stats=newer(rows_out=2, retries=5, by_language=Counter(en=2)).as_dict())
+        _register(cat, tmp_path, shard=2, stats=newer(rows_out=1, retries=1, by_language=Counter(en=1, zh=4)).as_dict())
+        got = cat.update_stage_stats("r1", "queries")
+        assert (got["retries"], got["by_language"], got["rows_out"]) == (6, {"en": 3, "zh": 4}, 6)
+    with CatalogReader(tmp_path) as rd:
+        row = rd.stage_stats("r1")[0]
+        assert (row["retries"], row["by_language"]) == (6, {"en": 3, "zh": 4})
+        s = rd.stage_summaries("r1")[0]
+        assert (s["retries"], s["by_language"], s["rows_out"]) == (6, {"en": 3, "zh": 4}, 6)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "rejects_flip", "rejects_delete"])
