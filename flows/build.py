@@ -687,10 +687,16 @@ def build(cfg: RunConfig, run_id: str, home: Path, names: list[str], fresh: bool
             runner.engines.start()
         try:
             with task_runner_for(cfg) as runner.task_runner:
-                first, rest = names[0], names[1:]
-                if isinstance(get_stage(first), SourceStage):
-                    runner.source(first)
-                runner.pipeline(rest)
+                try:
+                    first, rest = names[0], names[1:]
+                    if isinstance(get_stage(first), SourceStage):
+                        runner.source(first)
+                    runner.pipeline(rest)
+                except BaseException:  # an interrupt: fail the in-flight requests so the task threads end
+                    from engines.base import close_engines
+
+                    close_engines()
+                    raise
             left = runner.outstanding(names)
             runner.record_run_metrics(names)
         except BaseException as exc:

@@ -59,6 +59,7 @@ def _t(value: Any) -> Text:
 def _errors() -> Iterator[None]:
     """Expected failures as one line and their exit code."""
     from flows.export import ExportError
+    from models.config import ConfigError
     from storage.catalog import CatalogBusy, CatalogError
     from storage.layout import InvalidRunId
 
@@ -66,8 +67,21 @@ def _errors() -> Iterator[None]:
         yield
     except CatalogBusy as exc:
         _fail(str(exc), 3)
-    except (CatalogError, ExportError, InvalidRunId) as exc:
+    except (CatalogError, ConfigError, ExportError, InvalidRunId) as exc:
         _fail(str(exc), 2)
+
+
+@contextmanager
+def _flow_command(as_json: bool) -> Iterator[None]:
+    """Around a flow a command runs (train, eval, crosssup): expected errors as one line, stdout kept for
+    --json, the engines it loaded closed after."""
+    with _errors(), _json_stdout(as_json):
+        try:
+            yield
+        finally:
+            from engines.base import close_engines
+
+            close_engines()
 
 
 @contextmanager
@@ -512,14 +526,10 @@ def train(run_id: str, home: HomeOpt = None,
     """Fine-tune on RUN_ID's sft_data (TRL SFT, full or LoRA); registers the model in the catalog."""
     from flows.build import resolve_home
     from flows.train import train_flow
-    from models.config import ConfigError
 
     _check_run_id(run_id)
-    with _errors(), _json_stdout(as_json):
-        try:
-            res = train_flow(run_id=run_id, home=str(resolve_home(home)), overrides=set_ or [], force=force)
-        except ConfigError as exc:
-            _fail(str(exc), 2)
+    with _flow_command(as_json):
+        res = train_flow(run_id=run_id, home=str(resolve_home(home)), overrides=set_ or [], force=force)
     if as_json:
         _print_json(res)
     else:
@@ -535,19 +545,10 @@ def eval_cmd(run_id: str, model: Annotated[list[str] | None, typer.Option(
     """Evaluate models side by side on RUN_ID's held-out characters (or a WikiRoleEval file)."""
     from flows.build import resolve_home
     from flows.evaluate import evaluate_flow
-    from models.config import ConfigError
 
     _check_run_id(run_id)
-    with _errors(), _json_stdout(as_json):
-        try:
-            res = evaluate_flow(run_id=run_id, home=str(resolve_home(home)), models=model or None,
-                                overrides=set_ or [])
-        except ConfigError as exc:
-            _fail(str(exc), 2)
-        finally:
-            from engines.base import close_engines
-
-            close_engines()
+    with _flow_command(as_json):
+        res = evaluate_flow(run_id=run_id, home=str(resolve_home(home)), models=model or None, overrides=set_ or [])
     if as_json:
         _print_json(res)
         return
@@ -569,19 +570,11 @@ def crosssup(generator: Annotated[list[str], typer.Option(
     """The paper's cross-supervision grid: students (rows) x data generators (columns), before and after."""
     from flows.build import resolve_home
     from flows.crosssup import crosssup_flow
-    from models.config import ConfigError
 
     _check_run_id(prefix)
-    with _errors(), _json_stdout(as_json):
-        try:
-            res = crosssup_flow(home=str(resolve_home(home)), generators=generator, students=student,
-                                config_path=str(config) if config else None, overrides=set_ or [], run_prefix=prefix)
-        except ConfigError as exc:
-            _fail(str(exc), 2)
-        finally:
-            from engines.base import close_engines
-
-            close_engines()
+    with _flow_command(as_json):
+        res = crosssup_flow(home=str(resolve_home(home)), generators=generator, students=student,
+                            config_path=str(config) if config else None, overrides=set_ or [], run_prefix=prefix)
     if as_json:
         _print_json(res)
         return
@@ -654,7 +647,11 @@ class Terminated(KeyboardInterrupt):
     keeps every finished shard; `ditto rerun <run>` continues."""
 
 
+_TERMINATED: list[int] = []  # typer turns the interrupt into exit 130: remember it was SIGTERM
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    _TERMINATED.append(signum)
     raise Terminated(f"signal {signum}")
 
 
@@ -666,12 +663,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
-    except Terminated:
-        console.print("terminated (SIGTERM): finished shards are kept; `ditto rerun <run>` continues")
-        sys.exit(143)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    except SystemExit as exc:  # typer turns an interrupt into exit 130
+        if _TERMINATED and exc.code == 130:
+            console.print("terminated (SIGTERM): finished shards are kept; `ditto rerun <run>` continues")
+            sys.exit(143)
+        raise
 
 
 if __name__ == "__main__":
