@@ -19,7 +19,7 @@ from models.base import table_rows
 from models.stages import STAGE_ORDER
 from storage.layout import validate_run_id
 from storage.reader import CatalogReader, ShardDamaged
-from storage.shards import _fsync_dir, read_table
+from storage.shards import _fsync_dir, read_table, writable_dir_problem
 
 FORMATS = ("parquet", "jsonl", "hf")
 TMP_EXPORT = ".tmp-export-"
@@ -36,13 +36,8 @@ def _check_target(to: Path, overwrite: bool) -> None:
         if any(to.iterdir()) and not overwrite:
             raise ExportError(f"--to {to} is not empty: give a new or empty folder, or pass --overwrite to "
                               f"replace its contents")
-    if not to.parent.exists():
-        try:
-            to.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ExportError(f"--to {to}: cannot create {to.parent}: {exc.strerror}") from None
-    if not os.access(to.parent, os.W_OK):
-        raise ExportError(f"--to {to}: {to.parent} is not writable")
+    if why := writable_dir_problem(to.parent):
+        raise ExportError(f"--to {to}: {why}")
 
 
 def _incomplete(rd: CatalogReader, run: dict) -> str | None:

@@ -32,7 +32,7 @@ import duckdb
 
 from models.stats import Stats
 from storage.layout import REJECTED_DIR, RUNS_DIR
-from storage.shards import _fsync_dir, file_sha256, shard_is_whole, write_table
+from storage.shards import _fsync_dir, file_sha256, shard_is_whole, writable_dir_problem, write_table
 
 SNAPSHOT_DIR = "snapshot"
 LAYOUT_FILE = "_layout.json"  # written once the snapshot is complete in the partitioned layout
@@ -260,12 +260,8 @@ class Catalog:
         self._closed = False
         self._last_snapshot = 0.0
         self._lock_fd: int | None = None
-        try:
-            self.home.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CatalogError(f"cannot create home folder {self.home}: {exc.strerror}") from None
-        if not os.access(self.home, os.W_OK):
-            raise CatalogError(f"home folder {self.home} is not writable")
+        if why := writable_dir_problem(self.home, "home folder "):
+            raise CatalogError(why)
         if not self.path.exists() or self.path.stat().st_size == 0:
             self._create()
         deadline = time.monotonic() + wait_seconds

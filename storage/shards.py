@@ -56,6 +56,17 @@ def write_table(table: pa.Table, path: Path) -> int:
     return path.stat().st_size
 
 
+def writable_dir_problem(path: Path, what: str = "") -> str | None:
+    """Create the folder `path` where missing; why it cannot be written to (`what` names it), or None."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create {what}{path}: {exc.strerror}"
+    if not os.access(path, os.W_OK):
+        return f"{what}{path} is not writable"
+    return None
+
+
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
 
