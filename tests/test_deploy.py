@@ -1,6 +1,6 @@
 """Deployments: deploy/prefect.yaml validates and applies, the server has the cron and timezone, next fire
 times are computed, a bad cron is refused with a clear error, and a deployment run executes to Completed
-(a tiny flow, and the real build_dataset with the fake engine)."""
+(a tiny flow, and the real build_dataset with the dry-run engine)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ def _execute(flow_run_id) -> subprocess.CompletedProcess:
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    # through tests/plugins/cli.py: the worker process knows the tests' engine (engine.kind=fake)
-    return subprocess.run([sys.executable, "-m", "tests.plugins.cli", "--module", "prefect", "flow-run", "execute",
-                           str(flow_run_id)], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "prefect", "flow-run", "execute", str(flow_run_id)], env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def _state(flow_run_id):
@@ -45,7 +44,7 @@ def _bad_copy(tmp_path: Path, **schedule) -> Path:
 
 def test_prefect_yaml_declares_the_deployments():
     deps = {d["name"]: d for d in validate(DEFAULT_PREFECT_YAML)}
-    assert set(deps) == {"nightly", "generate", "train", "evaluate"}
+    assert set(deps) == {"nightly", "generate", "train", "evaluate", "crosssup"}
     nightly = deps["nightly"]
     assert nightly["entrypoint"] == "flows/build.py:build_dataset"
     assert nightly["concurrency_limit"] == 1 and nightly["work_pool"]["name"] == "ditto-cpu"
@@ -92,7 +91,7 @@ def test_next_fire_times_across_dst():
 
 def test_nightly_applies_and_reads_back(prefect_server):
     deps = {d["name"]: d for d in deploy_all(DEFAULT_PREFECT_YAML)}
-    assert set(deps) == {"nightly", "generate", "train", "evaluate"}
+    assert set(deps) == {"nightly", "generate", "train", "evaluate", "crosssup"}
     n = deps["nightly"]
     assert n["full_name"] == "build_dataset/nightly" and n["work_pool"] == "ditto-cpu"
     assert n["schedules"] == [{"cron": "30 1 * * *", "timezone": "Europe/Paris", "active": True}]
@@ -138,14 +137,15 @@ def test_run_deployment_executes_tiny_flow(prefect_server, tmp_path):
 
 
 def test_run_deployment_executes_build_dataset(prefect_server, tmp_path, chars_file):
-    """The real nightly deployment with the fake engine, run the way a worker runs it."""
+    """The real nightly deployment on the dry-run engine, run the way a worker runs it (a fresh process: it knows
+    only the product's engines)."""
     from prefect.deployments import run_deployment
 
     from storage.reader import CatalogReader
 
     deploy_all(DEFAULT_PREFECT_YAML, names=["nightly"])
     home = tmp_path / "home"
-    overrides = ["engine.kind=fake", "characters.source=jsonl", f"characters.path={chars_file}",
+    overrides = ["engine.kind=dry_run", "characters.source=jsonl", f"characters.path={chars_file}",
                  "characters.shard_size=2", "runner.retry_delay_seconds=[0]", "dataset=ditto-deploy-test"]
     fr = run_deployment("build_dataset/nightly", timeout=0, parameters={
         "config_path": None, "overrides": overrides, "home": str(home), "run_id": "nightly-test-1"})
@@ -180,9 +180,9 @@ def test_prefect_retry_of_a_failed_flow_run_recomputes_only_the_failed_shards(pr
     deploy_all(DEFAULT_PREFECT_YAML, names=["nightly"])
     home, switch = tmp_path / "home", tmp_path / "fault-on"
     switch.write_text("1")
-    overrides = ["engine.kind=fake", "characters.source=jsonl", f"characters.path={chars_file}",
-                 "characters.shard_size=2", "runner.retry_delay_seconds=[0]", "engine.options.fail_on=Cleopatra",
-                 f"engine.options.fail_while_exists={switch}"]
+    overrides = ["engine.kind=dry_run", "characters.source=jsonl", f"characters.path={chars_file}",
+                 "characters.shard_size=2", "runner.retry_delay_seconds=[0]",
+                 f"engine.options.faults={{rate: 0, kinds: [], permanent_on: Cleopatra, permanent_while_exists: '{switch}'}}"]
     fr = run_deployment("build_dataset/nightly", timeout=0, parameters={
         "config_path": None, "overrides": overrides, "home": str(home), "run_id": "retry-1", "until": "responses"})
     _execute(fr.id)

@@ -14,7 +14,7 @@ from tasks.sources.synthetic import synthetic_characters as make_characters  # n
 from tasks.sources.synthetic import write_characters
 from tests.plugins.fake import register_fake_engine
 
-register_fake_engine()  # engine.kind=fake in every test (tests/plugins/cli.py does it for subprocesses)
+register_fake_engine()  # engine.kind=fake in this process (a `ditto` subprocess knows only engine.kind=dry_run)
 
 
 class ListSource(SourceStage):

@@ -1,7 +1,8 @@
 """The tests' fake engine, `engine.kind=fake`: the product's dry-run engine (deterministic placeholder text,
 engines/dry_run.py) plus scripted failures. Registered from here (`register_fake_engine()`, called by
-tests/plugins/core.py for in-process tests and by tests/plugins/cli.py for `ditto` subprocesses), so the
-production registry refuses `engine.kind=fake` as unknown.
+tests/plugins/core.py), so the production registry refuses `engine.kind=fake` as unknown; a test that runs
+`ditto` or a Prefect worker in a fresh process uses the product's `engine.kind=dry_run` and, for failures,
+`engine.options.faults` (engines/faults.py).
 
 Options (engine.options): fail_on (a substring: prompts containing it raise a permanent EngineError),
 fail_while_exists (fail_on applies only while this file exists), transient_failures (the first N calls
