@@ -20,6 +20,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from models.base import table_rows
+from models.records import character_row_id
 from models.stages import stage_sort_key
 from storage.catalog import SNAPSHOT_DIR
 from storage.reader import CatalogReader, duration_s
@@ -28,7 +29,6 @@ from storage.report import show_extras, timeline
 logger = logging.getLogger("ditto.dashboard")
 
 SESSIONS_STAGE = "dedup"  # its shards hold the final Session rows
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 STAGE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_ID_CHARS = 2048  # a row id is id@language; the sources reject ids over tasks.sources.MAX_ID_CHARS (512)
 
@@ -330,7 +330,7 @@ class DashboardData:
             return None
         cols = "SELECT id, language, label, description, category, url FROM read_parquet(?, union_by_name=true)"
         index = self._index("characters", paths, f"{cols} ORDER BY language",
-                            lambda r: [f"{r['id']}@{r['language']}", r["id"]])
+                            lambda r: [character_row_id(r), r["id"]])
         if index is not None:
             rows = index.get(character_id) or []
         else:
