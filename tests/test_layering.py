@@ -5,8 +5,8 @@ top-level packages nor between two modules.
     models  <-  storage  <-  engines  <-  tasks  <-  flows        (each may import those to its left)
     models, storage  <-  dashboard  <-  flows                     (the dashboard is a separate read-only process)
 
-Nothing in the product imports `tests` or `benchmarks`. An import that breaks the rule and is being removed is
-listed in KNOWN with why; the list may only shrink."""
+Nothing in the product imports `tests` or `benchmarks`, and no benchmark imports `tests`. An import that
+breaks the rule and is being removed is listed in KNOWN with why; the list may only shrink."""
 
 from __future__ import annotations
 
@@ -143,3 +143,10 @@ def test_no_import_cycle_between_modules(edges):
     for a, b in edges - KNOWN:
         graph.setdefault(a, set()).add(b)
     assert _cycles(graph) == []
+
+
+def test_benchmarks_import_no_tests():
+    """What a benchmark shares with the tests lives in the product or in benchmarks/ (the tests may import it)."""
+    bad = {(path.name, name) for path in sorted((REPO / "benchmarks").glob("*.py"))
+           for name in module_imports(path, f"benchmarks.{path.stem}") if name.split(".")[0] == "tests"}
+    assert not bad, f"benchmarks importing tests: {sorted(bad)}"
