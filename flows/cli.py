@@ -178,19 +178,19 @@ class _Progress:
                 self.p.update(t, rows=rows_out)
 
 
-def _summary_table(run_id: str, stages: list[dict]) -> Table:
-    t = Table(title=f"run {run_id}")
-    for col in ("stage", "shards", "failed", "reused", "rows in", "rows out", "dropped", "tokens", "seconds"):
-        t.add_column(col, justify="left" if col in ("stage", "dropped") else "right")
+def _stages_table(stages: list[dict], title: str | None = None) -> Table:
+    """The per-stage table of `ditto run` and `ditto show` (rows of CatalogReader.stage_summaries)."""
+    t = Table(title=title)
+    for col in ("stage", "shards", "failed", "reused", "rows in", "rows out", "rejected", "dropped by reason",
+                "tokens", "cache hit/miss", "seconds"):
+        t.add_column(col, justify="left" if col in ("stage", "dropped by reason") else "right")
     for s in stages:
+        cache = f"{s['cache_hits']}/{s['cache_misses']}" if s["cache_hits"] or s["cache_misses"] else "-"
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "-"
         t.add_row(*map(_t, (s["stage"], f"{s['shards']['done']}/{s['shards_total']}", s["shards"]["failed"],
-                            s["reused"], s["rows_in"], s["rows_out"], _dropped(s), s["prompt_tokens"]
-                            + s["completion_tokens"], f"{s['seconds']:.1f}")))
+                            s["reused"], s["rows_in"], s["rows_out"], s["rejected"], dropped,
+                            s["prompt_tokens"] + s["completion_tokens"], cache, f"{s['seconds']:.1f}")))
     return t
-
-
-def _dropped(stage: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(stage["dropped"].items())) or "-"
 
 
 def _run_and_report(fn, home: str | None, as_json: bool, verbose: bool, **kwargs: Any) -> None:
@@ -243,7 +243,7 @@ def _run_and_report(fn, home: str | None, as_json: bool, verbose: bool, **kwargs
     if as_json:
         _print_json({"run": run, "stages": stages})
     elif run:
-        out.print(_summary_table(run_id, stages))
+        out.print(_stages_table(stages, title=f"run {run_id}"))
         out.print(_t(f"status: {run['status']}   home: {h}   `ditto show {run_id}` for details"))
     raise typer.Exit(code)
 
@@ -372,16 +372,7 @@ def show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False,
                      f"`ditto rerun {r['run_id']}` continues it"))
     if r.get("error"):
         out.print(Text(str(r["error"]), style="red"))
-    t = Table()
-    for c in ("stage", "done", "failed", "reused", "rows in", "rows out", "rejected", "dropped by reason",
-              "tokens", "cache hit/miss", "seconds"):
-        t.add_column(c)
-    for s in d["stages"]:
-        cache = f"{s['cache_hits']}/{s['cache_misses']}" if s["cache_hits"] or s["cache_misses"] else "-"
-        t.add_row(*map(_t, (s["stage"], s["shards"]["done"], s["shards"]["failed"], s["reused"], s["rows_in"],
-                            s["rows_out"], s["rejected"], _dropped(s), s["prompt_tokens"] + s["completion_tokens"],
-                            cache, f"{s['seconds']:.1f}")))
-    out.print(t)
+    out.print(_stages_table(d["stages"]))
     from tasks.filters.funnel import funnel_lines
 
     for line in ["what was kept and why:", *funnel_lines(d["stages"])] if funnel_lines(d["stages"]) else []:
