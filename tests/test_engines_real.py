@@ -174,7 +174,7 @@ def test_openai_structured_outputs_field_on_a_real_server(vllm_server):
 def test_openai_retries_and_routes_around_a_faulty_endpoint(vllm_server, openai_stub, mode):
     bad = openai_stub(mode, fail_first=100)
     engine = server_engine([bad.url, vllm_server], served_model="smollm2", max_retries=3,
-                           request_timeout=5 if mode == "slow" else 60)
+                           request_timeout=20 if mode == "slow" else 60)
     try:
         out = engine.generate([ROLEPLAY] * 6, Sampling(temperature=0.7, max_tokens=16))
         assert len(out) == 6 and all(g.text and g.completion_tokens > 0 for g in out)

@@ -88,7 +88,7 @@ class StubServer:
                     if stub.mode == "500" or (stub.mode == "flaky" and hit <= stub.fail_first):
                         return self._send(500, {"error": "internal"})
                     if stub.mode == "slow":
-                        time.sleep(30)
+                        time.sleep(90)
                     if stub.mode == "400":
                         return self._send(400, {"error": "bad request"})
                     text = "echo: " + body["messages"][-1]["content"]
