@@ -33,7 +33,7 @@ RUN_ID = "dry-run"
 def dry_run_config(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """The config (as data) with every engine the dry-run engine and the model-loading steps off."""
     from flows.build import DEMO_CONFIG
-    from tasks.sft_data import CHATML
+    from tasks.chat_template import CHATML
 
     cfg = load_config(config_path or str(DEMO_CONFIG), overrides).model_dump(mode="json")
     cfg["engine"]["kind"] = DRY_RUN_ENGINE
