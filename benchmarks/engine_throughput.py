@@ -148,6 +148,16 @@ def main() -> None:
             print(f"run {rep} {phase:<9} requests {len(prs):>4}  pipeline {p_tok:>6} tok {p_s:7.1f} s "
                   f"{p_tok / p_s:7.1f} tok/s   raw {r_tok:>6} tok {r_s:7.1f} s {r_tok / r_s:7.1f} tok/s   "
                   f"ratio {ratio:.3f}", flush=True)
+        if recs and raw_total_s:
+            # the stages are pipelined, so the phases' spans overlap (queries of late shards run beside the
+            # responses of early ones): a phase's tok/s undercounts the engine's work; this line does not
+            span = max(r["t1"] for r in recs) - min(r["t0"] for r in recs)
+            all_tok = sum(r["tokens"] for r in recs)
+            ratio = (all_tok / span) / (raw_total_tok / raw_total_s)
+            rows.append((rep, "all", len(recs), all_tok, span, raw_total_tok, raw_total_s, ratio))
+            print(f"run {rep} all generation: pipeline {all_tok} tok in {span:.1f} s {all_tok / span:.1f} tok/s, "
+                  f"raw {raw_total_tok} tok in {raw_total_s:.1f} s {raw_total_tok / raw_total_s:.1f} tok/s: "
+                  f"ratio {ratio:.3f}", flush=True)
         if rep == 0:
             p_tok_all = sum(r["tokens"] for r in recs)
             e2e = (p_tok_all / wall) / (raw_total_tok / (raw_load + raw_total_s))
@@ -162,8 +172,10 @@ def main() -> None:
                                      "date": time.strftime("%Y-%m-%d")}
             DATA.write_text(json.dumps(data))
     close_engines()
-    gen = [r[-1] for r in rows]
-    print(f"generation phases: min ratio {min(gen):.3f} (target >= 0.98); end to end {e2e:.3f} (target >= 0.9)")
+    gen = [r[-1] for r in rows if r[1] != "all"]
+    whole = [r[-1] for r in rows if r[1] == "all"]
+    print(f"generation phases: min ratio {min(gen):.3f}, all generation min {min(whole):.3f} (target >= 0.98); "
+          f"end to end {e2e:.3f} (target >= 0.9)")
 
 
 if __name__ == "__main__":
