@@ -198,7 +198,7 @@ from engines.cache import CachedEngine
 from models.config.engine import EngineConfig
 from storage.gencache import GenStore
 store = GenStore({root!r}, chunk_rows=8, flush_seconds=3600)
-ce = CachedEngine(get_engine(EngineConfig(kind="fake", model="m")), store, run_id="r", stage="responses", shard=0)
+ce = CachedEngine(get_engine(EngineConfig(kind="dry_run", model="m")), store, run_id="r", stage="responses", shard=0)
 for i in range(37):
     ce.submit([{{"role": "user", "content": f"question {{i}}"}}], Sampling()).result()
 os.kill(os.getpid(), signal.SIGKILL)
@@ -211,7 +211,7 @@ def test_a_killed_process_keeps_every_full_chunk(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     store = GenStore(root, chunk_rows=8)
-    ce = CachedEngine(get_engine(EngineConfig(kind="fake", model="m")), store)
+    ce = CachedEngine(get_engine(EngineConfig(kind="dry_run", model="m")), store)
     have = [store.get(ce.key([{"role": "user", "content": f"question {i}"}], Sampling())) is not None
             for i in range(37)]
     # a chunk fills at 8 and the caller waits until it is durable: 4 chunks made it, less than one chunk lost
