@@ -94,6 +94,8 @@ def _draw(*parts: Any) -> float:
 class FaultInjector:
     """Wraps an engine; everything but submit(), generate() and close() passes through."""
 
+    cacheable = False  # injected outputs are not the model's: the generation cache neither stores nor serves them
+
     def __init__(self, engine: Any, config: FaultConfig | dict[str, Any]):
         self.engine = engine
         self.faults = config if isinstance(config, FaultConfig) else FaultConfig.model_validate(config)

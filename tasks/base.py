@@ -43,13 +43,13 @@ class StageContext:
     def engine(self, config: EngineConfig | None = None):
         """The process engine; behind the home's generation cache (engines/cache.py) when `engine.cache`
         is on, bound to this run, stage and shard (so the cache records which keys each run used). An engine
-        with injected faults (engines/faults.py) bypasses the cache: its outputs are not the model's and must
-        neither be stored under the model's keys nor be replaced by stored ones."""
+        that is not `cacheable` (injected faults, engines/faults.py) bypasses the cache: its outputs are not
+        the model's and must neither be stored under the model's keys nor be replaced by stored ones."""
         from engines import get_engine
 
         cfg = config or self.config.engine
         engine = get_engine(cfg)
-        if not cfg.cache or self.home is None or "faults" in cfg.options:
+        if not cfg.cache or self.home is None or not getattr(engine, "cacheable", True):
             return engine
         from engines.cache import cached_engine
 
