@@ -78,9 +78,22 @@ def as_plain(scan) -> tuple:
     return (json.loads(json.dumps(scan.entries)), scan.labels, [r.model_dump() for r in scan.rejects])
 
 
-@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.fixture(params=["isal", "rapidgzip"])
+def gzip_decoder(request, monkeypatch):
+    """gzip read in parallel by one isal thread (few cores) or by rapidgzip (many cores)."""
+    from tasks.sources import dump as dump_mod
+
+    monkeypatch.setattr(dump_mod, "GZIP_PARALLEL_THREADS", 2 if request.param == "rapidgzip" else 5)
+    assert dump_mod.decompressor("gzip", 2).startswith(request.param)
+    return request.param
+
+
+WITH_DECODERS = [(".json", "isal"), (".json.bz2", "isal"), (".json.gz", "isal"), (".json.gz", "rapidgzip")]
+
+
+@pytest.mark.parametrize("suffix, gzip_decoder", WITH_DECODERS, indirect=["gzip_decoder"])
 @pytest.mark.parametrize("chunk", [997, 8191])
-def test_parallel_reading_equals_serial(tmp_path, suffix, chunk):
+def test_parallel_reading_equals_serial(tmp_path, suffix, chunk, gzip_decoder):
     dump = write(tmp_path / f"d{suffix}", bad_lines(many_entities()))
     cfg = cfg_for(dump)
     serial = scan_dump(dump, cfg, workers=1, chunk_bytes=1 << 30)
@@ -128,8 +141,20 @@ def test_format_is_told_by_magic_bytes(tmp_path, real, name):
     assert got.entries == want.entries and got.labels == want.labels
 
 
-@pytest.mark.parametrize("suffix", [".json.gz", ".json.bz2"])
-def test_truncated_stream_in_parallel_keeps_what_a_serial_read_keeps(tmp_path, suffix):
+def test_gzip_of_several_members_reads_whole(tmp_path, gzip_decoder):
+    """`cat a.gz b.gz` is a valid gzip file (what some mirrors serve): every member is read, in order."""
+    lines = dump_lines(many_entities(40, 200))
+    half = len(lines) // 2
+    path = tmp_path / "members.json.gz"
+    path.write_bytes(gzip.compress(b"\n".join(lines[:half]) + b"\n") + gzip.compress(b"\n".join(lines[half:]) + b"\n"))
+    reference = write(tmp_path / "ref.json", lines)
+    got = scan_dump(path, cfg_for(path), workers=2, chunk_bytes=4096)
+    want = scan_dump(reference, cfg_for(reference), workers=1)
+    assert as_plain(got) == as_plain(want) and want.entries
+
+
+@pytest.mark.parametrize("suffix, gzip_decoder", WITH_DECODERS[1:], indirect=["gzip_decoder"])
+def test_truncated_stream_in_parallel_keeps_what_a_serial_read_keeps(tmp_path, suffix, gzip_decoder):
     full = write(tmp_path / f"full{suffix}", dump_lines(many_entities(80, 600))).read_bytes()
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(full[: len(full) * 3 // 4])
@@ -308,3 +333,93 @@ def test_inside_a_dask_worker_chunks_go_to_the_cluster(tmp_path):
         tasks = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.task_prefixes))
     assert got == serial
     assert tasks > 1  # the chunk tasks ran on the cluster, not only the outer task
+
+
+def awkward_lines() -> list[bytes]:
+    """Entities in the shapes the real dump and its copies take, and broken ones: the fast head decoder
+    must read each exactly as the line-by-line path does (or hand it to that path)."""
+    def dumps(e) -> bytes:
+        return json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode()
+
+    people = many_entities(20, 30, seed=3)
+    zh_fallback = entity("Q700", {"zh-hant": "繁體", "zh-cn": "简体", "en": ""}, p31="Q5", sitelinks={"enwiki": "A"})
+    deprecated = entity("Q701", {"en": "Not a person"}, p31="Q5")
+    deprecated["claims"]["P31"][0]["rank"] = "deprecated"
+    both = entity("Q702", {"en": "Both"}, p31="Q95074", claims=[item_claim("P31", "Q5")])
+    numeric_only = entity("Q703", {"en": "Old layout"})
+    numeric_only["claims"]["P31"] = [{"mainsnak": {"snaktype": "value", "property": "P31", "datatype": "wikibase-item",
+                                                   "datavalue": {"value": {"entity-type": "item", "numeric-id": 15632617},
+                                                                 "type": "wikibase-entityid"}}, "rank": "normal"}]
+    empty_maps = {"type": "item", "id": "Q704", "labels": [], "descriptions": [], "aliases": [], "claims": [],
+                  "sitelinks": []}
+    odd_label = entity("Q705", {"en": "x"}, p31="Q515")
+    odd_label["labels"]["zh"] = "a bare string"
+    escaped = entity("Q706", {"en": 'Quote " and \\ back\u2028slash', "zh": "引号\""}, p31="Q5",
+                     descriptions={"en": "d"}, aliases={"en": ["a", ""]}, sitelinks={"enwiki": "Q"})
+    no_id = {"type": "item", "labels": {"en": {"language": "en", "value": "No id"}}}
+    lines = dump_lines(people + [zh_fallback, deprecated, both, numeric_only, empty_maps, odd_label, escaped])
+    spaced = json.dumps(entity("Q707", {"en": "Spaced"}, p31="Q5", sitelinks={"enwiki": "S"})).encode()
+    lines[5:5] = [
+        spaced + b" ,  ",  # whitespace around the comma
+        dumps(no_id) + b",",
+        b'{"type":"item","id":"Q99","claims":{"P31":[ broken "Q5"},',
+        b'{"type":"item","id":"Q98","labels":{"en":{"language":"en","value":"Caf\xe9"}},"Q5":1},',
+        b'{"type":"item","id":"Q97","labels":{"en":{"language":"en","value":"ok"}},"claims":{"P1":"\xff"}},',
+        b'{"type":"item","id":"Q96","labels":{"en":{"language":"en","value":"T"}},"claims":{"P31":[{"mainsnak":'
+        b'{"datavalue":{"value":{"id":"Q5"},"type":"wikibase-entityid"}},"rank":"normal"}]},"x":"\xff"},',
+        b"", b"   ", b"42,", b'"a string",', b"[1,2],",
+        dumps(entity("Q708", {"en": "CRLF"}, p31="Q5")) + b",\r",
+    ]
+    return lines
+
+
+@pytest.mark.parametrize("languages", [["en", "zh"], ["zh"], ["de", "en"]])
+@pytest.mark.parametrize("categories", [["real", "fictional"], ["fictional"]])
+def test_fast_chunk_parse_equals_the_line_by_line_parse(languages, categories):
+    from tasks.sources.wikidata import parse_chunk, parse_lines
+
+    data = b"\n".join(awkward_lines()) + b"\n"
+    params = {"languages": languages, "categories": categories}
+    fast, slow = parse_chunk(data, params), parse_lines(data, params)
+
+    def labels(out):
+        return sorted(zip(out["lab_lines"], out["lab_ids"], out["lab_langs"], out["lab_vals"], strict=True))
+
+    # a non-person line with bad bytes outside its head: its labels are read (the line-by-line path
+    # decodes the rest of a line without "descriptions" and counts it unreadable)
+    assert set(labels(fast)) - set(labels(slow)) == {(9, "Q97", "en", "ok")}
+    assert set(labels(slow)) < set(labels(fast)) and slow["unreadable"] == fast["unreadable"] + 1
+    assert fast["parsed"] == slow["parsed"] + 1
+    for key in ("bad", "opened", "closed", "lines"):
+        assert fast[key] == slow[key], key
+    # the other difference: a person whose P31 value has only a numeric id (older dumps) never mentions
+    # "Q...", so the line-by-line prefilter misses it; the head decoder reads the claim
+    assert [c for c in fast["cands"] if c[1]["id"] != "Q703"] == slow["cands"]
+    assert [u for u in fast["unlabeled"] if u[2] != "Q703"] == slow["unlabeled"]
+    q703 = {c[1]["id"] for c in fast["cands"]} | {u[2] for u in fast["unlabeled"]}
+    assert ("Q703" in q703) == ("fictional" in categories)
+    assert {b[1] for b in fast["bad"]} == {"malformed", "encoding"}
+    ids = {c[1]["id"] for c in fast["cands"]}
+    assert "Q701" not in ids and ("Q707" in ids) == ("real" in categories and "en" in languages)
+    if "zh" in languages and "real" in categories:
+        zh = {c[1]["id"]: c[1]["langs"].get("zh") for c in fast["cands"]}
+        assert zh["Q700"]["label"] == "简体"  # zh-cn comes before zh-hant in the fallbacks
+        assert zh["Q706"]["label"] == "引号\""
+
+
+def test_fast_chunk_parse_reads_the_benchmark_dump_like_the_line_by_line_parse(tmp_path):
+    """The benchmark's generator (official layout, references and hashes) through both paths."""
+    import importlib.util
+
+    from tasks.sources.wikidata import parse_chunk, parse_lines
+
+    spec = importlib.util.spec_from_file_location("source_scale", Path(__file__).parents[1] / "benchmarks/source_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "d.json"
+    mod.write_dump(path, 1.5, person_share=0.3)
+    data = path.read_bytes()
+    params = {"languages": ["en", "zh"], "categories": ["real", "fictional"]}
+    fast, slow = parse_chunk(data, params), parse_lines(data, params)
+    assert fast["cands"] == slow["cands"] and len(fast["cands"]) > 20
+    assert sorted(fast["lab_vals"]) == sorted(slow["lab_vals"])

@@ -9,7 +9,8 @@ How the work is split, so every core parses and the output equals a serial read:
   (indexed_bzip2 finds bzip2 blocks by their 48-bit magic and decodes them on N threads; rapidgzip
   decodes deflate blocks speculatively from guessed offsets on N threads and resolves the window
   afterwards), read by the calling process into newline-aligned chunks that worker processes parse.
-  Fallbacks when a library is missing or one thread is asked for: isal (gzip), the stdlib bz2/gzip.
+  gzip on fewer than GZIP_PARALLEL_THREADS cores: one isal thread (faster per core than rapidgzip, so
+  the other cores parse). Fallbacks when a library is missing: isal (gzip), the stdlib bz2/gzip.
 - results come back in input order through a bounded window of chunks in flight, so line numbers,
   byte offsets and first-seen order are those of a serial read, and memory stays bounded:
   about (workers + 2) x chunk_bytes in the reading process plus one chunk and its result per worker.
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 16 << 20
 PIECE_BYTES = 256 << 10  # a failing read loses at most this much of a truncated compressed stream
 FORMATS = ("plain", "gzip", "bz2")
+GZIP_PARALLEL_THREADS = 5  # gzip: rapidgzip from this many threads, one isal thread below (see decompressor)
 
 
 class StreamError(OSError):
@@ -87,8 +89,12 @@ class _CountingFile(io.FileIO):
         return n
 
 
-def decompressor(fmt: str, threads: int) -> str:
-    """The library that decompresses `fmt` with `threads` threads (what the benchmark compares against)."""
+def decompressor(fmt: str, threads: int, parallel: bool = False) -> str:
+    """The library that decompresses `fmt` with `threads` threads (what the benchmark compares against).
+    gzip below GZIP_PARALLEL_THREADS threads is decoded by one isal thread: isal decodes about 2.3x
+    faster per core than rapidgzip's speculative decoding (1.6 vs 3.8 CPU ms per MB of JSON, measured
+    by benchmarks/source_scale.py), so on a few cores one isal thread plus parse workers on the other
+    cores beats rapidgzip on all of them. `parallel`: the block-parallel library whatever the threads."""
     if fmt == "bz2":
         try:
             import indexed_bzip2  # noqa: F401
@@ -97,7 +103,7 @@ def decompressor(fmt: str, threads: int) -> str:
         except ImportError:
             return "bz2 (stdlib)"
     if fmt == "gzip":
-        if threads > 1:
+        if threads > 1 and (parallel or threads >= GZIP_PARALLEL_THREADS):
             try:
                 import rapidgzip  # noqa: F401
 
@@ -114,15 +120,16 @@ def decompressor(fmt: str, threads: int) -> str:
 
 
 @contextmanager
-def open_stream(path: str | Path, fmt: str | None = None, threads: int = 1, sequential: bool = False
-                ) -> Iterator[tuple[Any, _CountingFile]]:
+def open_stream(path: str | Path, fmt: str | None = None, threads: int = 1, sequential: bool = False,
+                parallel: bool = False) -> Iterator[tuple[Any, _CountingFile]]:
     """(uncompressed binary stream, the raw file) for `path`; raw.high is the compressed bytes read.
-    sequential: the stdlib / isal decoders only (they report a cut stream exactly where it is cut)."""
+    sequential: the stdlib / isal decoders only (they report a cut stream exactly where it is cut);
+    parallel: the block-parallel library (see `decompressor`)."""
     fmt = fmt or detect_format(path)
     raw = _CountingFile(str(path), "rb")
     stream: Any = raw
     try:
-        name = decompressor(fmt, threads)
+        name = decompressor(fmt, threads, parallel)
         if sequential and not name.startswith("isal"):
             name = "stdlib"
         if name.startswith("indexed_bzip2"):
@@ -231,6 +238,10 @@ class Progress:
 
 def _dask_executor() -> Any:
     """The Dask cluster's executor when this code runs inside a Dask worker, else None."""
+    import sys
+
+    if "distributed" not in sys.modules:  # a Dask worker has imported it; importing it here costs ~1 s
+        return None
     try:
         from distributed import get_worker, worker_client
     except ImportError:
@@ -301,7 +312,8 @@ class _Pieces:
                 while piece := self.stream.read(self.piece):
                     done += len(piece)
                     yield piece
-            isize = _gzip_isize(self.path) if self.fmt == "gzip" and self.threads > 1 else None
+            parallel_gzip = decompressor(self.fmt, self.threads).startswith("rapidgzip")
+            isize = _gzip_isize(self.path) if parallel_gzip else None
             if isize is None or isize == done % (1 << 32):
                 self.finished = True
                 return
@@ -325,9 +337,9 @@ class _Pieces:
 
 def _compressed_chunks(path: Path, pieces: Iterator[bytes], chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
     """(uncompressed offset, newline-aligned chunk); a failing stream raises StreamError after the
-    complete lines read before the failure."""
+    complete lines read before the failure (read_chunks fills in their count)."""
     buf: list[bytes] = []
-    have = offset = lines = 0
+    have = offset = 0
     it = iter(pieces)
     while True:
         try:
@@ -337,7 +349,7 @@ def _compressed_chunks(path: Path, pieces: Iterator[bytes], chunk_bytes: int) ->
             cut = data.rfind(b"\n") + 1  # a cut last line is dropped, as a serial line reader does
             if cut:
                 yield offset, data[:cut]
-            raise StreamError(path, exc, lines + data[:cut].count(b"\n"), offset + cut) from exc
+            raise StreamError(path, exc, -1, offset + cut) from exc
         if not piece:
             if have:
                 yield offset, b"".join(buf)
@@ -353,7 +365,6 @@ def _compressed_chunks(path: Path, pieces: Iterator[bytes], chunk_bytes: int) ->
             chunk, rest = data[:cut], data[cut:]
             yield offset, chunk
             offset += len(chunk)
-            lines += chunk.count(b"\n")
             buf, have = ([rest], len(rest)) if rest else ([], 0)
 
 
@@ -399,70 +410,74 @@ def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: An
         read = source.position() if source is not None else min(size, done_bytes)
         prog.update(size if final and source is None else read, done_bytes, final)
 
-    chunks: Iterator[tuple[int, bytes]] = iter(())
-    head: list[tuple[int, bytes]] = []
-    source: _Pieces | None = None
-    if fmt != "plain":
-        source = _Pieces(path, fmt, threads, min(PIECE_BYTES, chunk_bytes), exact_salvage)
-        chunks = _compressed_chunks(path, source, chunk_bytes)
-        if workers > 1:  # a stream of one chunk is parsed here: no pool to start
-            try:
-                for item in chunks:
-                    head.append(item)
-                    if len(head) == 2:
-                        break
-            except StreamError as exc:
-                workers = 1  # at most two chunks, then the failure: parsed here, in order
-                chunks, head = _replay(head, exc), []
-            else:
-                if len(head) < 2:
-                    workers = 1
-                    chunks, head = iter(head), []
-    if workers <= 1 or (fmt == "plain" and n_sources <= 1):
-        if fmt == "plain":
-            for _, src in sources:
-                yield consume(_work(parse, src, params), None)
-                report()
-        else:
-            for offset, chunk in chunks:
-                yield consume(_work(parse, chunk, params), offset)
-                report()
-        report(final=True)
-        return
-
-    window = workers + 2
-    with _pool(min(workers, n_sources) if n_sources else workers) as ex:
-        pending: deque[tuple[int | None, Future]] = deque()
-        try:
-            if fmt == "plain":
-                for offset, src in sources:
-                    pending.append((offset, ex.submit(_work, parse, src, params)))
-                    if len(pending) >= window:
-                        off, fut = pending.popleft()
-                        yield consume(fut.result(), off)
-                        report()
-            else:
+    try:
+        chunks: Iterator[tuple[int, bytes]] = iter(())
+        head: list[tuple[int, bytes]] = []
+        source: _Pieces | None = None
+        if fmt != "plain":
+            source = _Pieces(path, fmt, threads, min(PIECE_BYTES, chunk_bytes), exact_salvage)
+            chunks = _compressed_chunks(path, source, chunk_bytes)
+            if workers > 1:  # a stream of one chunk is parsed here: no pool to start
                 try:
-                    for offset, chunk in itertools.chain(head, chunks):
-                        pending.append((offset, ex.submit(_work, parse, chunk, params)))
-                        while len(pending) >= window or (pending and pending[0][1].done()):
+                    for item in chunks:
+                        head.append(item)
+                        if len(head) == 2:
+                            break
+                except StreamError as exc:
+                    workers = 1  # at most two chunks, then the failure: parsed here, in order
+                    chunks, head = _replay(head, exc), []
+                else:
+                    if len(head) < 2:
+                        workers = 1
+                        chunks, head = iter(head), []
+        if workers <= 1 or (fmt == "plain" and n_sources <= 1):
+            if fmt == "plain":
+                for _, src in sources:
+                    yield consume(_work(parse, src, params), None)
+                    report()
+            else:
+                for offset, chunk in chunks:
+                    yield consume(_work(parse, chunk, params), offset)
+                    report()
+            report(final=True)
+            return
+
+        window = workers + 2
+        with _pool(min(workers, n_sources) if n_sources else workers) as ex:
+            pending: deque[tuple[int | None, Future]] = deque()
+            try:
+                if fmt == "plain":
+                    for offset, src in sources:
+                        pending.append((offset, ex.submit(_work, parse, src, params)))
+                        if len(pending) >= window:
                             off, fut = pending.popleft()
                             yield consume(fut.result(), off)
                             report()
-                except StreamError:
-                    while pending:
-                        off, fut = pending.popleft()
-                        yield consume(fut.result(), off)
-                    raise
-            while pending:
-                off, fut = pending.popleft()
-                yield consume(fut.result(), off)
-                report()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
-    report(final=True)
+                else:
+                    try:
+                        for offset, chunk in itertools.chain(head, chunks):
+                            pending.append((offset, ex.submit(_work, parse, chunk, params)))
+                            while len(pending) >= window or (pending and pending[0][1].done()):
+                                off, fut = pending.popleft()
+                                yield consume(fut.result(), off)
+                                report()
+                    except StreamError:
+                        while pending:
+                            off, fut = pending.popleft()
+                            yield consume(fut.result(), off)
+                        raise
+                while pending:
+                    off, fut = pending.popleft()
+                    yield consume(fut.result(), off)
+                    report()
+            finally:
+                for _, fut in pending:
+                    fut.cancel()
+        report(final=True)
 
+    except StreamError as exc:  # every chunk before the failure has been consumed
+        exc.lines = line - 1
+        raise
 
 __all__ = ["CHUNK_BYTES", "FORMATS", "Progress", "StreamError", "available_cores", "decompressor", "detect_format",
            "open_stream", "read_chunks", "read_range"]
