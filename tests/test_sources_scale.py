@@ -423,3 +423,44 @@ def test_fast_chunk_parse_reads_the_benchmark_dump_like_the_line_by_line_parse(t
     fast, slow = parse_chunk(data, params), parse_lines(data, params)
     assert fast["cands"] == slow["cands"] and len(fast["cands"]) > 20
     assert sorted(fast["lab_vals"]) == sorted(slow["lab_vals"])
+
+
+def test_chunks_reach_workers_through_shared_memory_and_the_ring_is_removed(tmp_path, monkeypatch):
+    """Decompressed chunks go to the local workers through a /dev/shm ring (not pipes); its file is gone
+    when the read ends, one left by a killed reader is removed, and a chunk bigger than a slot (one huge
+    line) still arrives, through the pipe."""
+    from tasks.sources import dump as dump_mod
+
+    if not dump_mod._ChunkRing.DIR.is_dir():
+        pytest.skip("no /dev/shm on this machine")
+    stale = dump_mod._ChunkRing.DIR / f"{dump_mod._ChunkRing.PREFIX}999999999-dead"
+    stale.write_bytes(b"x")
+    made, sent = [], []
+    create, ref, read = dump_mod._ChunkRing.create, dump_mod._ChunkRing.ref, dump_mod._ChunkRing.read
+
+    def spy_create(slots, slot_bytes):
+        ring = create(slots, slot_bytes)
+        made.append(ring)
+        return ring
+
+    def spy_ref(self, slot, size):
+        sent.append("ChunkRef")
+        return ref(self, slot, size)
+
+    def spy_read(self, slot, start, end):
+        if start == 0:
+            sent.append("overflow")  # a chunk bigger than a slot leaves the ring and goes as bytes
+        return read(self, slot, start, end)
+
+    monkeypatch.setattr(dump_mod._ChunkRing, "create", staticmethod(spy_create))
+    monkeypatch.setattr(dump_mod._ChunkRing, "ref", spy_ref)
+    monkeypatch.setattr(dump_mod._ChunkRing, "read", spy_read)
+    lines = dump_lines(many_entities(40, 200))
+    lines.insert(30, json.dumps(entity("Q4242", {"en": "Long " + "x" * 700_000}, p31="Q5",
+                                       sitelinks={f"w{k}wiki": "L" for k in range(50)})).encode() + b",")
+    path = write(tmp_path / "d.json.gz", lines)
+    got = scan_dump(path, cfg_for(path), workers=2, chunk_bytes=4096)
+    want = scan_dump(write(tmp_path / "ref.json", lines), cfg_for(tmp_path / "ref.json"), workers=1)
+    assert as_plain(got) == as_plain(want) and any(c["id"] == "Q4242" for _, c in got.entries)
+    assert made and made[0] is not None and "ChunkRef" in sent and "overflow" in sent
+    assert not made[0].path.exists() and not stale.exists()
