@@ -25,6 +25,7 @@ or, with allow_truncated, a rejection).
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import logging
@@ -285,7 +286,20 @@ def _work(parse: Callable[[bytes, Any], Any], source: bytes | tuple[str, int, in
         first, data = read_range(*source)
     else:
         data = source
-    return first, _count_lines(data), len(data), parse(data, params)
+    with no_gc():  # a parse allocates ~1M small acyclic objects: the cyclic collector only slows it (~25%)
+        return first, _count_lines(data), len(data), parse(data, params)
+
+
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused (reference counting still frees everything acyclic)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -648,4 +662,4 @@ def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: An
         raise
 
 __all__ = ["CHUNK_BYTES", "FORMATS", "Progress", "StreamError", "available_cores", "decompressor", "detect_format",
-           "open_stream", "read_chunks", "read_range"]
+           "no_gc", "open_stream", "read_chunks", "read_range"]

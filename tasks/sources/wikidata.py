@@ -69,6 +69,7 @@ from tasks.sources.dump import (
     available_cores,
     decompressor,
     detect_format,
+    no_gc,
     read_chunks,
 )
 from tasks.sources.wikipedia import load_articles, normalize_title
@@ -179,10 +180,17 @@ def referenced_ids(claims: list[tuple[str, list]]) -> set[str]:
 
 
 def render_claims(claims: list[tuple[str, list]], labels: dict[str, dict[str, str]], lang: str,
-                  limit: int) -> str:
+                  limit: int, names: dict[str, str] | None = None) -> str:
+    """names: a cache of rendered names for `lang` shared across calls (the pool's claims reference the
+    same properties and items again and again)."""
+    names = {} if names is None else names
+
     def name(eid: str) -> str:
-        known = labels.get(eid) or {}
-        return _pick(known, lang) or known.get("en") or eid
+        got = names.get(eid)
+        if got is None:
+            known = labels.get(eid) or {}
+            got = names[eid] = _pick(known, lang) or known.get("en") or eid
+        return got
 
     lines = []
     for pid, values in claims[:limit]:
@@ -567,9 +575,11 @@ class DumpScan:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def to_table(self) -> pa.Table:
-        encode = msgspec.json.Encoder().encode  # as json.dumps(ensure_ascii=False), ~10x faster
-        rows = [("entry", encode([lang, c]).decode()) for lang, c in self.entries]
-        rows += [("label", encode([k, v]).decode()) for k, v in sorted(self.labels.items())]
+        """Rows of (kind, JSON): the entries and the labels one document each (one decode call for the
+        whole pool: a row per entry cost ~1 s per 60k rows), a row per rejection, the stats."""
+        encode = msgspec.json.Encoder().encode  # as json.dumps(ensure_ascii=False)
+        rows = [("entries", encode([[lang, c] for lang, c in self.entries]).decode()),
+                ("labels", encode(dict(sorted(self.labels.items()))).decode())]
         rows += [("reject", r.model_dump_json()) for r in self.rejects]
         rows.append(("stats", json.dumps(self.stats)))
         return _columns(KIND_DATA, [k for k, _ in rows], [d for _, d in rows])
@@ -579,12 +589,12 @@ class DumpScan:
         scan = cls([], {}, [], {})
         decode = msgspec.json.decode
         for kind, data in zip(table.column("kind").to_pylist(), table.column("data").to_pylist(), strict=True):
-            if kind == "entry":
-                lang, cand = decode(data)
-                scan.entries.append((lang, cand))
-            elif kind == "label":
-                k, v = decode(data)
-                scan.labels[k] = v
+            if kind == "entries":
+                with no_gc():  # ~1M small objects at once: 4x faster without the collector's passes
+                    scan.entries = [(lang, cand) for lang, cand in decode(data)]
+            elif kind == "labels":
+                with no_gc():
+                    scan.labels = decode(data)
             elif kind == "reject":
                 scan.rejects.append(Rejection.model_validate_json(data))
             elif kind == "stats":
@@ -752,6 +762,7 @@ def collect(cfg: CharactersConfig, store: Any = None) -> tuple[list[Character], 
                              max_article=cfg.max_article_chars) if wanted and (cfg.wikipedia or cfg.wikipedia_hub) else {}
 
     characters = []
+    names: dict[str, dict[str, str]] = {lang: {} for lang in cfg.languages}
     for lang, c in entries:
         info = c["langs"][lang]
         art = articles.get((lang, info["title"])) or {}
@@ -759,7 +770,8 @@ def collect(cfg: CharactersConfig, store: Any = None) -> tuple[list[Character], 
                                  if info["title"] else ENTITY_URL + c["id"])
         characters.append(Character(
             id=c["id"], label=info["label"], description=info["description"], aliases=info["aliases"],
-            claims=render_claims(c["claims"], labels, lang, cfg.max_claims), category=c["category"],
+            claims=render_claims(c["claims"], labels, lang, cfg.max_claims, names.setdefault(lang, {})),
+            category=c["category"],
             language=lang, popularity=float(c["popularity"]), summary=art.get("summary", ""),
             article=art.get("article", ""), source="wikidata", license=LICENSE, url=url))
     kept, more = select(characters, cfg)
