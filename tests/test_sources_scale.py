@@ -464,3 +464,15 @@ def test_chunks_reach_workers_through_shared_memory_and_the_ring_is_removed(tmp_
     assert as_plain(got) == as_plain(want) and any(c["id"] == "Q4242" for _, c in got.entries)
     assert made and made[0] is not None and "ChunkRef" in sent and "overflow" in sent
     assert not made[0].path.exists() and not stale.exists()
+
+
+def test_gzip_decoder_is_picked_by_cores():
+    """One isal thread on few cores (it decodes faster per core than rapidgzip), rapidgzip on many;
+    `parallel` asks for the block-parallel library whatever the cores (the benchmark's baseline)."""
+    from tasks.sources.dump import GZIP_PARALLEL_THREADS, decompressor
+
+    assert decompressor("gzip", 1) == decompressor("gzip", GZIP_PARALLEL_THREADS - 1) == "isal.igzip"
+    assert decompressor("gzip", GZIP_PARALLEL_THREADS) == f"rapidgzip(parallelization={GZIP_PARALLEL_THREADS})"
+    assert decompressor("gzip", 2, parallel=True) == "rapidgzip(parallelization=2)"
+    assert decompressor("gzip", 1, parallel=True) == "isal.igzip"  # one thread: nothing to parallelize
+    assert decompressor("bz2", 2) == "indexed_bzip2(parallelization=2)"

@@ -13,7 +13,10 @@ How the work is split, so every core parses and the output equals a serial read:
   the other cores parse). Fallbacks when a library is missing: isal (gzip), the stdlib bz2/gzip.
 - results come back in input order through a bounded window of chunks in flight, so line numbers,
   byte offsets and first-seen order are those of a serial read, and memory stays bounded:
-  about (workers + 2) x chunk_bytes in the reading process plus one chunk and its result per worker.
+  (workers + 3) slots of chunk_bytes + 512 KiB in a /dev/shm ring, through which the decompressed
+  chunks reach local workers (one copy each side; a pipe cost the workers more CPU than the parse),
+  plus one chunk and its result per worker. Without room in /dev/shm (Docker's default is 64 MB:
+  deploy/ sets more) chunks go through pipes, as they do to a Dask cluster's workers.
 - workers: a spawn-context process pool (the flow process has engine threads: no fork), or, when the
   reader runs inside a Dask worker (runner.task_runner: dask), the Dask cluster's own executor
   (plain ranges then need the file on a filesystem every worker sees).
