@@ -35,6 +35,7 @@ import logging
 import mmap
 import multiprocessing
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -96,10 +97,9 @@ class _CountingFile(io.FileIO):
 
 def decompressor(fmt: str, threads: int, parallel: bool = False) -> str:
     """The library that decompresses `fmt` with `threads` threads (what the benchmark compares against).
-    gzip below GZIP_PARALLEL_THREADS threads is decoded by one isal thread: isal decodes about 2.3x
-    faster per core than rapidgzip's speculative decoding (1.6 vs 3.8 CPU ms per MB of JSON, measured
-    by benchmarks/source_scale.py), so on a few cores one isal thread plus parse workers on the other
-    cores beats rapidgzip on all of them. `parallel`: the block-parallel library whatever the threads."""
+    gzip below GZIP_PARALLEL_THREADS threads is decoded by one isal thread: isal costs 1.3-1.6 CPU ms
+    per MB of JSON, rapidgzip's speculative decoding ~3.8 per thread (benchmarks/source_scale.py), so on
+    a few cores one isal thread plus parse workers on the other cores beats rapidgzip on all of them. `parallel`: the block-parallel library whatever the threads."""
     if fmt == "bz2":
         try:
             import indexed_bzip2  # noqa: F401
@@ -351,8 +351,6 @@ class Progress:
 
 def _dask_executor() -> Any:
     """The Dask cluster's executor when this code runs inside a Dask worker, else None."""
-    import sys
-
     if "distributed" not in sys.modules:  # a Dask worker has imported it; importing it here costs ~1 s
         return None
     try:
@@ -459,6 +457,17 @@ class _Chunker:
         self.path, self.pieces, self.chunk_bytes = path, pieces, chunk_bytes
         self.ring: _ChunkRing | None = None
 
+    def _carry(self, rest: bytes) -> tuple[int | None, int]:
+        """(slot, fill) holding the start of the next chunk, or (None, 0) when it stays bytes."""
+        ring = self.ring
+        if not rest or ring is None or len(rest) > ring.slot_bytes:
+            return None, 0
+        slot = ring.take()
+        if slot is None:
+            return None, 0
+        ring.write(slot, 0, rest)
+        return slot, len(rest)
+
     def __iter__(self) -> Iterator[tuple[int, bytes | ChunkRef, int | None]]:
         buf: list[bytes] = []  # bytes mode
         have = offset = 0
@@ -511,14 +520,8 @@ class _Chunker:
                 rest = ring.read(slot, cut, fill)
                 yield offset, ring.ref(slot, cut), slot
                 offset += cut
-                slot, fill = None, 0
-                if rest:
-                    slot = ring.take()
-                    if slot is not None:
-                        ring.write(slot, 0, rest)
-                        fill = len(rest)
-                    else:
-                        buf, have = [rest], len(rest)
+                slot, fill = self._carry(rest)
+                buf, have = ([rest], len(rest)) if rest and slot is None else ([], 0)
             elif slot is None and have >= self.chunk_bytes:
                 data = b"".join(buf)
                 cut = data.rfind(b"\n") + 1
@@ -528,12 +531,8 @@ class _Chunker:
                 chunk, rest = data[:cut], data[cut:]
                 yield offset, chunk, None
                 offset += len(chunk)
-                buf, have = ([rest], len(rest)) if rest else ([], 0)
-                if rest and self.ring is not None and len(rest) <= self.ring.slot_bytes:
-                    slot = self.ring.take()  # the ring came up (or a slot freed): back to it
-                    if slot is not None:
-                        self.ring.write(slot, 0, rest)
-                        buf, have, fill = [], 0, len(rest)
+                slot, fill = self._carry(rest)  # the ring came up (or a slot freed): back to it
+                buf, have = ([rest], len(rest)) if rest and slot is None else ([], 0)
 
 
 def _replay(items: list[tuple[int, bytes | ChunkRef, int | None]], error: BaseException
