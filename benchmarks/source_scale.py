@@ -158,7 +158,7 @@ def child_parse(path: str) -> dict:
     """CPU seconds of the workers' job alone (prefilter + parse of 16 MiB chunks), in one process: what
     the parse costs per byte independent of start-up and of other load on the machine."""
     from tasks.sources.dump import CHUNK_BYTES, read_range
-    from tasks.sources.wikidata import parse_chunk
+    from tasks.sources.wikidata_parse import parse_chunk
 
     params = {"languages": ["en", "zh"], "categories": ["real", "fictional"]}
     size = Path(path).stat().st_size

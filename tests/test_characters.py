@@ -16,7 +16,7 @@ from models.records import Character
 from tasks.characters import CharactersStage, collect_characters
 from tasks.sources import InputFormatError, MissingInputError, TruncatedInputError, find_injection
 from tasks.sources.bundled import classify
-from tasks.sources.wikidata import render_time
+from tasks.sources.wikidata_parse import render_time
 from tasks.sources.wikipedia import article_language, lead_section
 from tests.plugins.characters import (
     HUGE_CHARS,

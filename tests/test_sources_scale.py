@@ -369,6 +369,8 @@ def awkward_lines() -> list[bytes]:
         b'{"datavalue":{"value":{"id":"Q5"},"type":"wikibase-entityid"}},"rank":"normal"}]},"x":"\xff"},',
         b"", b"   ", b"42,", b'"a string",', b"[1,2],",
         dumps(entity("Q708", {"en": "CRLF"}, p31="Q5")) + b",\r",
+        # the official layout, no person class mentioned, broken after its labels: a label source
+        b'{"type":"item","id":"Q95","labels":{"en":{"language":"en","value":"Cut"}},"descriptions":{"en":{',
     ]
     return lines
 
@@ -376,7 +378,7 @@ def awkward_lines() -> list[bytes]:
 @pytest.mark.parametrize("languages", [["en", "zh"], ["zh"], ["de", "en"]])
 @pytest.mark.parametrize("categories", [["real", "fictional"], ["fictional"]])
 def test_fast_chunk_parse_equals_the_line_by_line_parse(languages, categories):
-    from tasks.sources.wikidata import parse_chunk, parse_lines
+    from tasks.sources.wikidata_parse import parse_chunk, parse_lines
 
     data = b"\n".join(awkward_lines()) + b"\n"
     params = {"languages": languages, "categories": categories}
@@ -407,11 +409,40 @@ def test_fast_chunk_parse_equals_the_line_by_line_parse(languages, categories):
         assert zh["Q706"]["label"] == "引号\""
 
 
+def test_chunk_whose_values_have_no_numeric_ids_is_searched_for_the_class_ids():
+    """Values written as {"entity-type": "item", "id": "Q5"} only: the people are found all the same."""
+    from tasks.sources.wikidata_parse import parse_chunk, parse_lines
+
+    people = many_entities(30, 40, seed=5)
+    for e in people:
+        for claims in e["claims"].values():
+            for c in claims:
+                c["mainsnak"]["datavalue"]["value"].pop("numeric-id", None)
+    data = b"\n".join(dump_lines(people)) + b"\n"
+    assert b"numeric-id" not in data
+    params = {"languages": ["en", "zh"], "categories": ["real", "fictional"]}
+    fast, slow = parse_chunk(data, params), parse_lines(data, params)
+    assert fast["cands"] == slow["cands"] and len(fast["cands"]) > 15
+    assert fast["unlabeled"] == slow["unlabeled"] and fast["lab_vals"] == slow["lab_vals"]
+
+
+def test_dump_workers_import_neither_the_models_nor_pyarrow():
+    """What a worker process imports to parse chunks stays small (pydantic and pyarrow cost ~0.7 s a worker)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.sources.dump, tasks.sources.wikidata_parse; "
+            "print(sorted(m for m in ('pydantic', 'pyarrow', 'models', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "[]"
+
+
 def test_fast_chunk_parse_reads_the_benchmark_dump_like_the_line_by_line_parse(tmp_path):
     """The benchmark's generator (official layout, references and hashes) through both paths."""
     import importlib.util
 
-    from tasks.sources.wikidata import parse_chunk, parse_lines
+    from tasks.sources.wikidata_parse import parse_chunk, parse_lines
 
     spec = importlib.util.spec_from_file_location("source_scale", Path(__file__).parents[1] / "benchmarks/source_scale.py")
     mod = importlib.util.module_from_spec(spec)

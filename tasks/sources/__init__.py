@@ -42,10 +42,11 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from models.config.characters import CharactersConfig
-from models.records import Character, Rejection
+if TYPE_CHECKING:  # not imported at run time: a dump reader's worker imports this package, not the models
+    from models.config.characters import CharactersConfig
+    from models.records import Character, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class TruncatedInputError(InputFormatError):
 
 def reject(row_id: str, filter: str, reason: str, *, character_id: str = "", text: str = "") -> Rejection:
     # shard -1: the flow assigns shards after collect(), and fixes it
+    from models.records import Rejection
+
     return Rejection(row_id=row_id, stage=STAGE, shard=-1, filter=filter, reason=reason,
                      character_id=character_id, text=text[:4000])
 
