@@ -11,13 +11,13 @@ popularity = number of sitelinks. While streaming, the `top_n * pool_factor` mos
 candidates per language are kept (bounded memory on the full dump); articles are then joined
 through the `<lang>wiki` sitelink titles and `select` walks the ranking.
 
-One pass, on every core (tasks/sources/dump.py splits the dump; `parse_chunk` runs in the workers):
-msgspec decodes each line's head in place (id, type, the labels in the configured languages + en and
-the P31 claims; everything else is skipped without building objects); the labels go to an on-disk
-label table; a person of a configured category is then decoded into what its candidate needs (its
-claims' main snaks, not their qualifiers and references). A line whose head has other shapes, or is
-broken, goes the line-by-line way (`parse_lines`: a line that mentions Q5/Q15632617/Q95074 or is a
-property is parsed in full, so a broken one is reported; any other only for its labels). After the
+One pass, on every core (tasks/sources/dump.py splits the dump; `parse_chunk` in
+tasks/sources/wikidata_parse.py runs in the workers): one search per chunk for the person classes;
+an item line that mentions none is read for its labels only; any other line's head is decoded by
+msgspec (id, type, wanted labels, P31), and a person of a configured category is decoded into what
+its candidate needs. The labels go to an on-disk label table; a broken line goes the line-by-line
+way (`parse_lines`: a line that mentions Q5/Q15632617/Q95074 or is a property is parsed in full, so
+a broken one is reported; any other only for its labels). After the
 pass the labels the pools' claims reference are read back from the table. Then the Wikipedia files.
 The format is told by the magic bytes (a gzip file named .bz2 is read as gzip). Memory at full scale
 (~110M entities, ~12M people): (workers + 3) x 16.5 MiB chunks in flight in a /dev/shm ring, the

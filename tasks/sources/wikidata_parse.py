@@ -347,8 +347,8 @@ class _ChunkParse:
             out["lab_vals"].append(value)
 
     def line(self, raw: bytes, i: int, start: int) -> None:
-        """One line the slow way: a line that mentions a person class or is a property is parsed in full
-        (so a broken one is reported), any other only for its labels."""
+        """One line the slow way: a line that mentions a person class or is a property (told by its first
+        bytes) is parsed in full (so a broken one is reported), any other only for its labels."""
         out = self.out
         line = raw.strip()
         if line.endswith(b","):
@@ -361,7 +361,7 @@ class _ChunkParse:
             return
         if not line:
             return
-        if not (any(m in line for m in _PERSON_MARKERS) or _PROPERTY_MARKER in line):
+        if not (any(m in line for m in _PERSON_MARKERS) or _PROPERTY_MARKER in line[:96]):
             try:
                 got = _cheap_labels(line)
             except (ValueError, UnicodeDecodeError, TypeError, KeyError):
