@@ -426,6 +426,32 @@ def test_chunk_whose_values_have_no_numeric_ids_is_searched_for_the_class_ids():
     assert fast["unlabeled"] == slow["unlabeled"] and fast["lab_vals"] == slow["lab_vals"]
 
 
+def test_lone_surrogate_escapes_become_replacement_characters(tmp_path):
+    """JSON may escape a lone UTF-16 surrogate, which UTF-8 cannot hold: the scan keeps the person and the
+    labels, with U+FFFD in its place, instead of failing on the label table."""
+    people = many_entities(6, 4, seed=2)
+    lines = dump_lines(people)
+    lines.insert(2, b'{"type":"item","id":"Q9001","labels":{"en":{"language":"en","value":"Lone \\ud800 item"}},'
+                    b'"descriptions":{},"claims":{}},')
+    lines.insert(3, b'{"type":"item","id":"Q9002","labels":{"en":{"language":"en","value":"Lone \\udfff person"}},'
+                    b'"descriptions":{},"claims":{"P31":[{"mainsnak":{"snaktype":"value","property":"P31",'
+                    b'"datatype":"wikibase-item","datavalue":{"value":{"entity-type":"item","numeric-id":5,'
+                    b'"id":"Q5"},"type":"wikibase-entityid"}},"type":"statement","rank":"normal"}]},'
+                    b'"sitelinks":{"enwiki":{"site":"enwiki","title":"Lone","badges":[]},'
+                    b'"dewiki":{"site":"dewiki","title":"L","badges":[]}}},')
+    dump = write(tmp_path / "d.json", lines)
+    scan = scan_dump(dump, cfg_for(dump), workers=1)
+    person = [c for _, c in scan.entries if c["id"] == "Q9002"]
+    assert person and person[0]["langs"]["en"]["label"] == "Lone \ufffd person"
+    assert scan.stats["entities_parsed"] == len(people) + 2
+    assert not [r for r in scan.rejects if "Q900" in r.row_id]
+    from tasks.sources.wikidata import _label_rows
+    from tasks.sources.wikidata_parse import scan_chunk
+
+    rows = _label_rows(scan_chunk(dump.read_bytes(), {"languages": ["en"], "categories": ["real"]})["labels"], 10)
+    assert {"id": "Q9001", "lang": "en", "label": "Lone \ufffd item", "line": 12} in rows.to_pylist()
+
+
 def test_dump_workers_import_neither_the_models_nor_pyarrow():
     """What a worker process imports to parse chunks stays small (pydantic and pyarrow cost ~0.7 s a worker)."""
     import subprocess

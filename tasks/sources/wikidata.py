@@ -70,7 +70,7 @@ from tasks.sources.dump import (
     no_gc,
     read_chunks,
 )
-from tasks.sources.wikidata_parse import LANGUAGE_FALLBACKS, _pick, parse_chunk
+from tasks.sources.wikidata_parse import LANGUAGE_FALLBACKS, scan_chunk
 from tasks.sources.wikipedia import load_articles
 
 log = logging.getLogger(__name__)
@@ -93,30 +93,32 @@ def referenced_ids(claims: list[tuple[str, list]]) -> set[str]:
 
 def render_claims(claims: list[tuple[str, list]], labels: dict[str, dict[str, str]], lang: str,
                   limit: int, names: dict[str, str] | None = None) -> str:
-    """names: a cache of rendered names for `lang` shared across calls (the pool's claims reference the
-    same properties and items again and again)."""
+    """labels: {id: {language: label}} as the label table holds them (a configured language, its
+    fallbacks already applied, and en). names: a cache of rendered names for `lang` shared across calls
+    (the pool's claims reference the same properties and items again and again)."""
     names = {} if names is None else names
+    get_name, get_labels = names.get, labels.get
 
     def name(eid: str) -> str:
-        got = names.get(eid)
+        got = get_name(eid)
         if got is None:
-            known = labels.get(eid) or {}
-            got = names[eid] = _pick(known, lang) or known.get("en") or eid
+            known = get_labels(eid)
+            got = names[eid] = (known.get(lang) or known.get("en") or eid) if known else eid
         return got
 
     lines = []
     for pid, values in claims[:limit]:
         rendered = []
         for v in values:
-            if v[0] == "item":
-                rendered.append(name(v[1]))
-            elif v[0] == "quantity":
+            kind = v[0]
+            if kind == "item":
+                rendered.append(get_name(v[1]) or name(v[1]))
+            elif kind == "quantity":
                 rendered.append(f"{v[1]} {name(v[2])}" if v[2] else v[1])
             else:
                 rendered.append(v[1])
-        lines.append(f"{name(pid)}: {'; '.join(dict.fromkeys(rendered))}")
+        lines.append(f"{get_name(pid) or name(pid)}: {'; '.join(dict.fromkeys(rendered))}")
     return "\n".join(lines)
-
 
 
 LABEL_SCHEMA = pa.schema([("id", pa.string()), ("lang", pa.string()), ("label", pa.string()), ("line", pa.int64())])
@@ -175,6 +177,15 @@ def scan_params(cfg: CharactersConfig) -> dict[str, Any]:
             "pool": cfg.top_n * cfg.pool_factor, "allow_truncated": cfg.allow_truncated}
 
 
+def _label_rows(packed: tuple, base: int) -> pa.Table:
+    """A chunk's label rows (scan_chunk's buffers) as a LABEL_SCHEMA table, lines offset by `base`."""
+    n, *buffers, at = packed
+    columns = [pa.StringArray.from_buffers(n, pa.py_buffer(buffers[k + 1]), pa.py_buffer(buffers[k]))
+               for k in (0, 2, 4)]
+    lines = pc.add(pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(at)]), base)
+    return pa.Table.from_arrays([*columns, lines], schema=LABEL_SCHEMA)
+
+
 def _lookup_labels(table_path: Path, wanted: set[str]) -> dict[str, dict[str, str]]:
     """Labels of the wanted ids from the on-disk label table; the last occurrence in the dump wins."""
     found: dict[str, dict[str, str]] = {}
@@ -219,7 +230,7 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
             # the collector paused for the pass: the pool's result thread unpickles ~10k small objects
             # a chunk, twice as fast without the collector's passes; nothing the pass keeps is cyclic
             with no_gc():
-                for base, offset, res in read_chunks(path, parse_chunk, params, workers=workers,
+                for base, offset, res in read_chunks(path, scan_chunk, params, workers=workers,
                                                      chunk_bytes=chunk_bytes, fmt=fmt, progress=progress,
                                                      exact_salvage=cfg.allow_truncated):
                     for i, kind, at, detail, text in res["bad"]:
@@ -248,10 +259,9 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
                             heapq.heappush(unlabeled, item)
                         else:
                             heapq.heappushpop(unlabeled, item)
-                    if res["lab_ids"]:
+                    if res["labels"][0]:
                         # line = the entity's dump line: a later copy of an entity replaces its labels whole
-                        writer.write_table(_columns(LABEL_SCHEMA, res["lab_ids"], res["lab_langs"], res["lab_vals"],
-                                                    [base + j for j in res["lab_lines"]]))
+                        writer.write_table(_label_rows(res["labels"], base))
                     parsed += res["parsed"]
                     unreadable += res["unreadable"]
                     opened = opened or res["opened"]
