@@ -536,3 +536,11 @@ def test_gzip_decoder_is_picked_by_cores():
     assert decompressor("gzip", 2, parallel=True) == "rapidgzip(parallelization=2)"
     assert decompressor("gzip", 1, parallel=True) == "isal.igzip"  # one thread: nothing to parallelize
     assert decompressor("bz2", 2) == "indexed_bzip2(parallelization=2)"
+
+
+@pytest.mark.parametrize("data", [b"", b"a", b"a\n", b"\n\n", b"ab\n" * 1023 + b"c", b"ab\n" * 1024, b"ab\n" * 5000 + b"z",
+                                  (b"q" * 2000 + b"\n") * 1500, (b"q" * 2000 + b"\n") * 1100 + b"ab\n" * 3000])
+def test_chunk_line_count(data):
+    from tasks.sources.dump import _count_lines
+
+    assert _count_lines(data) == len(data.splitlines())

@@ -167,7 +167,17 @@ def open_stream(path: str | Path, fmt: str | None = None, threads: int = 1, sequ
 
 
 def _count_lines(data: bytes) -> int:
-    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    """Lines in data. bytes.count of one byte does not use memchr (~0.75 ms per MB); a find per line does
+    (~0.1 ms/MB on dump lines of ~13 KB). Where the lines are short, the rest is counted at once."""
+    find = data.find
+    n, pos = 0, find(b"\n")
+    while pos >= 0:
+        n += 1
+        if n == 1024 and pos < (1 << 20):  # lines under 1 KB: one count beats a call per line
+            n += data.count(b"\n", pos + 1)
+            break
+        pos = find(b"\n", pos + 1)
+    return n + (1 if data and not data.endswith(b"\n") else 0)
 
 
 def read_range(path: str, start: int, end: int) -> tuple[int, bytes]:
