@@ -544,3 +544,33 @@ def test_chunk_line_count(data):
     from tasks.sources.dump import _count_lines
 
     assert _count_lines(data) == len(data.splitlines())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_persons_below_the_pools_floors_are_skipped_without_changing_the_scan(tmp_path, monkeypatch, workers):
+    """Once a pool is full, a worker does not decode a person who could no longer enter it (ties
+    included: a later person of equal popularity never displaces an earlier one); the scan is the same
+    as one that decodes every person."""
+    from tasks.sources import wikidata_parse
+
+    late = [entity(f"Q{9000 + j}", {"de": f"Ohne {j}"} if j % 2 else {"en": f"Late {j}"}, p31="Q5",
+                   sitelinks={f"w{k}wiki": "x" for k in range(5 + j)}) for j in range(6)]
+    dump = write(tmp_path / "d.json", dump_lines(many_entities(400, 60, seed=9) + late))
+    cfg = cfg_for(dump)  # pools of top_n * pool_factor = 10
+    with_floors = scan_dump(dump, cfg, workers=workers, chunk_bytes=4096)
+    calls = {"skipped": 0}
+    real = wikidata_parse._may_enter
+
+    def counted(*args):
+        ok = real(*args)
+        calls["skipped"] += not ok
+        return ok
+
+    monkeypatch.setattr(wikidata_parse, "_may_enter", counted)
+    scan_dump(dump, cfg, workers=1, chunk_bytes=4096)
+    assert calls["skipped"] > 100
+    monkeypatch.setattr(wikidata_parse, "_may_enter", lambda *args: True)
+    every = scan_dump(dump, cfg, workers=1, chunk_bytes=4096)
+    assert as_plain(with_floors) == as_plain(every)
+    assert len(every.entries) == 20 and {r.row_id for r in every.rejects if r.filter == "no_label"} == {"Q9003", "Q9005"}
+    assert {"Q9002", "Q9004"} <= {c["id"] for _, c in every.entries}

@@ -554,13 +554,20 @@ def _replay(items: list[tuple[int, bytes | ChunkRef, int | None]], error: BaseEx
 def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: Any, *, workers: int = 0,
                 chunk_bytes: int = CHUNK_BYTES, threads: int | None = None, fmt: str | None = None,
                 progress: Callable[[dict[str, Any]], None] | None = None, progress_interval: float = 10.0,
-                exact_salvage: bool = True) -> Iterator[tuple[int, int, Any]]:
+                exact_salvage: bool = True, params_now: Callable[[], Any] | None = None
+                ) -> Iterator[tuple[int, int, Any]]:
     """(first line number, 1-based; byte offset of the chunk in the uncompressed stream; parse(chunk, params))
     for every chunk, in input order. `parse` must be a module-level function (it is sent to worker
     processes by reference). workers=0: every available core; 1: in this process, no pool.
     exact_salvage: a damaged compressed stream yields exactly the lines a serial reader keeps (re-read
-    sequentially from the start after a failure); False raises at the failure (when only the error matters)."""
+    sequentially from the start after a failure); False raises at the failure (when only the error matters).
+    params_now: when given, each chunk gets what it returns when the chunk is handed out, instead of
+    `params` (the caller's state as it consumes the results, e.g. how popular a person must be now to
+    enter its pools)."""
     path = Path(path)
+    if params_now is None:
+        def params_now() -> Any:
+            return params
     fmt = fmt or detect_format(path)
     workers = workers or available_cores()
     threads = threads or workers
@@ -613,11 +620,11 @@ def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: An
         if workers <= 1 or (fmt == "plain" and n_sources <= 1):
             if fmt == "plain":
                 for _, src in sources:
-                    yield consume(_work(parse, src, params), None)
+                    yield consume(_work(parse, src, params_now()), None)
                     report()
             else:
                 for offset, chunk, _ in chunks:  # no ring here: bytes
-                    yield consume(_work(parse, chunk, params), offset)
+                    yield consume(_work(parse, chunk, params_now()), offset)
                     report()
             report(final=True)
             return
@@ -642,14 +649,14 @@ def read_chunks(path: str | Path, parse: Callable[[bytes, Any], Any], params: An
                 try:
                     if fmt == "plain":
                         for offset, src in sources:
-                            pending.append((offset, ex.submit(_work, parse, src, params), None))
+                            pending.append((offset, ex.submit(_work, parse, src, params_now()), None))
                             if len(pending) >= window:
                                 yield take()
                                 report()
                     else:
                         try:
                             for offset, chunk, slot in itertools.chain(head, chunks):
-                                pending.append((offset, ex.submit(_work, parse, chunk, params), slot))
+                                pending.append((offset, ex.submit(_work, parse, chunk, params_now()), slot))
                                 del chunk
                                 while len(pending) >= window or (pending and pending[0][1].done()):
                                     yield take()

@@ -222,6 +222,12 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
     lineno = parsed = bad = unreadable = 0
     first_problem = ""
     opened = closed = False
+
+    def floors() -> dict[str, Any]:
+        """params with the pools' floors now: a worker skips the persons that could no longer enter them."""
+        return {**params, "floors": {"langs": {lang: h[0][0] for lang, h in heaps.items() if len(h) >= pool},
+                                     "unlabeled": unlabeled[0][0] if len(unlabeled) >= pool else None}}
+
     tmp = Path(tempfile.mkdtemp(prefix="labels-", dir=workdir))
     table_path = tmp / "labels.parquet"
     writer = pq.ParquetWriter(table_path, LABEL_SCHEMA, compression="zstd")
@@ -232,7 +238,7 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
             with no_gc():
                 for base, offset, res in read_chunks(path, scan_chunk, params, workers=workers,
                                                      chunk_bytes=chunk_bytes, fmt=fmt, progress=progress,
-                                                     exact_salvage=cfg.allow_truncated):
+                                                     exact_salvage=cfg.allow_truncated, params_now=floors):
                     for i, kind, at, detail, text in res["bad"]:
                         bad += 1
                         n = base + i

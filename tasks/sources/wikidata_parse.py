@@ -188,6 +188,10 @@ class _Claim(msgspec.Struct):
     rank: Any = None
 
 
+class _Skip(msgspec.Struct):
+    """Any object, its content skipped (a sitelink, counted for the popularity)."""
+
+
 class _Claims(msgspec.Struct):
     P31: list[_Claim] = []
 
@@ -208,7 +212,8 @@ def _head_decoder(codes: tuple[str, ...]) -> msgspec.json.Decoder:
     labels = _labels_struct(codes)
     head = msgspec.defstruct("_Head", [("id", str), ("type", Any, None),
                                        ("labels", labels | list[Any], msgspec.field(default_factory=labels)),
-                                       ("claims", _Claims | list[Any], msgspec.field(default_factory=_Claims))])
+                                       ("claims", _Claims | list[Any], msgspec.field(default_factory=_Claims)),
+                                       ("sitelinks", dict[str, _Skip] | list[Any] | None, None)])
     return msgspec.json.Decoder(head)
 
 
@@ -307,6 +312,36 @@ def _label_plan(languages: list[str]) -> tuple[tuple[str, ...], list[tuple[str, 
     codes = list(dict.fromkeys(code for lang in wanted for code in LANGUAGE_FALLBACKS.get(lang, [lang])))
     index = {code: f"l{k}" for k, code in enumerate(codes)}
     return tuple(codes), [(lang, [index[c] for c in LANGUAGE_FALLBACKS.get(lang, [lang])]) for lang in wanted]
+
+
+def _may_enter(head: Any, floors: dict[str, Any], fields: list[tuple[str, list[str]]], n_languages: int) -> bool:
+    """Whether the person of this head could still enter a pool. floors (from scan_dump, as it was when
+    the chunk was handed out; a pool's floor only rises): {"langs": {language: the popularity a person
+    must exceed to enter that language's full pool}, "unlabeled": the same for the pool of persons with
+    no label in any configured language, or None}. A person at or below every floor it faces would be
+    dropped by the pools anyway, so it is not decoded: on the full dump that is most of the ~12M people.
+    fields: the configured languages and their label fields in fallback order."""
+    sitelinks = head.sitelinks
+    popularity = len(sitelinks) if sitelinks else 0
+    langs = floors["langs"]
+    labels = head.labels
+    labeled = False
+    for lang, names in fields if not isinstance(labels, list) else ():
+        for name in names:
+            label = getattr(labels, name)
+            if label is not None:
+                if label.value:
+                    labeled = True
+                    floor = langs.get(lang)
+                    if floor is None or popularity > floor:
+                        return True
+                break
+    if labeled:
+        return False
+    floor = floors["unlabeled"]
+    if floor is not None and popularity <= floor:
+        return False
+    return len(langs) < n_languages or popularity > min(langs.values())
 
 
 def _head_category(claims: list[_Claim]) -> str | None:
@@ -481,6 +516,9 @@ def parse_chunk(data: bytes, params: dict[str, Any]) -> dict[str, Any]:
     to_builtins = msgspec.to_builtins
     categories = p.categories
     at, ids, langs, vals = out["lab_lines"], out["lab_ids"], out["lab_langs"], out["lab_vals"]
+    floors = params.get("floors")  # see _may_enter; absent: every person of a configured category is read
+    configured = [(lang, names) for lang, names in plan if lang in p.languages]
+    n_languages = len(p.languages)
 
     def add_labels(i: int, eid: str, labels: Any) -> None:
         out["parsed"] += 1
@@ -532,7 +570,8 @@ def parse_chunk(data: bytes, params: dict[str, Any]) -> dict[str, Any]:
                 line = view[pos:stop]
                 try:
                     str(line, "utf-8")
-                    if category in categories:
+                    if category in categories and (floors is None or _may_enter(head, floors, configured,
+                                                                                n_languages)):
                         entity = to_builtins(decode_person(line))
                 except (msgspec.DecodeError, ValueError):
                     slow = True
