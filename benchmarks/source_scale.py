@@ -13,10 +13,12 @@ second/first (target < 5%), peak memory of the reading process and of its larges
 projected hours for the full dump (1.4 TB of JSON, 110M entities) on 2, 16 and 64 cores. Projection:
 CPU seconds per byte of the decompressor the stage picks on that many cores, alone (its threads
 included), plus CPU seconds per byte of the workers' parse measured alone in one process (no
-start-up, robust to other load on the machine), spread over the cores, and never faster than a
-one-thread decoder alone: it assumes the parallel libraries and the parse scale with cores (the parse
-is independent per chunk; indexed_bzip2 and rapidgzip report scaling to tens of cores) and that the
-reading thread keeps up (its CPU is reported: joining pieces, merging the pools, writing label rows).
+start-up, robust to other load on the machine; every person decoded, so an upper bound: in the stage
+a person below the pools' floors is skipped), plus the reading thread's own CPU per byte in the pass,
+spread over the cores, and never faster than the reading thread alone (its own work, plus the decoder
+where that runs in it: isal on few cores). It assumes the parallel libraries and the parse scale
+with cores (the parse is independent per chunk; indexed_bzip2 and rapidgzip report scaling to tens
+of cores).
 Every measurement runs in its own process (peak memory per measurement).
 """
 
@@ -189,7 +191,7 @@ def child_stage(path: str, workers: int, home: str, known_file: str | None) -> d
     def timed_scan(*args, **kw):  # the pass over the dump, apart from the per-run work around it
         t = time.perf_counter()
         out = scan_dump(*args, **kw)
-        passes.append(time.perf_counter() - t)
+        passes.append((time.perf_counter() - t, out.stats["read_thread_cpu_s"]))
         return out
 
     wikidata.scan_dump = timed_scan
@@ -198,7 +200,8 @@ def child_stage(path: str, workers: int, home: str, known_file: str | None) -> d
     rows, rejects, used = CharactersStage().collect_pinned(run, home, {"known": known}, "bench")
     seconds = time.perf_counter() - t0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = {"seconds": seconds, "pass_seconds": sum(passes), "reading_thread_cpu_s": time.thread_time() - c0,
+    out = {"seconds": seconds, "pass_seconds": sum(w for w, _ in passes),
+           "pass_reading_thread_cpu_s": sum(c for _, c in passes), "reading_thread_cpu_s": time.thread_time() - c0,
            "process_cpu_s": time.process_time() - p0, "workers_cpu_s": children.ru_utime + children.ru_stime,
            "rows": len(rows), "rejects": len(rejects), "new_snapshots": sum(1 for m in used if m["new"]),
            **_peak()}
@@ -286,12 +289,18 @@ def main() -> None:
         decomp_per_byte = r["stage_library"]["cpu_s"] / json_bytes if fmt != "json" else 0.0
         parallel_per_byte = r["library"]["cpu_s"] / json_bytes if fmt != "json" else 0.0
         r["cpu_per_mb"] = {"decompress": decomp_per_byte * 1e6, "parse": parse_cpu_per_byte * 1e6}
+        # the reading thread's own work per byte in the pass (piece copies, results, pools, label rows),
+        # apart from a decoder that runs in it (isal on few cores): serial whatever the cores
+        in_thread = decomp_per_byte if fmt == "gz" and r["stage_library"]["library"].startswith("isal") else 0.0
+        reader_per_byte = max(0.0, r["first"]["pass_reading_thread_cpu_s"] / json_bytes - in_thread)
+        r["cpu_per_mb"]["reading_thread"] = reader_per_byte * 1e6
         r["projected_hours"] = {}
         for c in (2, 16, 64):
-            # the decompressor the stage picks on c cores; a one-thread one caps the rate at its own
+            # the decompressor the stage picks on c cores; a one-thread one runs in the reading thread
             one_thread = fmt == "gz" and not decompressor("gzip", c).startswith("rapidgzip")
             per_byte = decomp_per_byte if one_thread or fmt != "gz" else parallel_per_byte
-            seconds = FULL_JSON_BYTES * max((per_byte + parse_cpu_per_byte) / c, per_byte if one_thread else 0.0)
+            serial = reader_per_byte + (per_byte if one_thread else 0.0)
+            seconds = FULL_JSON_BYTES * max((per_byte + parse_cpu_per_byte + reader_per_byte) / c, serial)
             r["projected_hours"][str(c)] = round(seconds / 3600, 2)
         results["formats"][fmt] = r
         lib = f"{r['library']['library']} alone {json_bytes / r['library']['seconds'] / 1e6:.1f} MB/s" \
@@ -316,7 +325,8 @@ def main() -> None:
               f"new snapshots {r['second']['new_snapshots']}")
         print(f"  CPU of the stage: {cpu:.1f} s (workers' start-up included), reading thread {serial:.1f} s; "
               f"per MB of JSON: decompress {r['cpu_per_mb']['decompress'] * 1e3:.1f} ms + parse "
-              f"{r['cpu_per_mb']['parse'] * 1e3:.1f} ms; projected full dump (1.4 TB JSON): " +
+              f"{r['cpu_per_mb']['parse'] * 1e3:.1f} ms + reading thread {reader_per_byte * 1e3:.1f} ms (serial); "
+              f"projected full dump (1.4 TB JSON): " +
               ", ".join(f"{c} cores {h} h" for c, h in r["projected_hours"].items()))
     results["load_after"] = os.getloadavg()[0]
     if a.json:

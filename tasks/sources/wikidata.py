@@ -235,6 +235,7 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
         try:
             # the collector paused for the pass: the pool's result thread unpickles ~10k small objects
             # a chunk, twice as fast without the collector's passes; nothing the pass keeps is cyclic
+            loop_cpu = time.thread_time()
             with no_gc():
                 for base, offset, res in read_chunks(path, scan_chunk, params, workers=workers,
                                                      chunk_bytes=chunk_bytes, fmt=fmt, progress=progress,
@@ -273,7 +274,9 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
                     opened = opened or res["opened"]
                     closed = closed or res["closed"]
                     lineno = base + res["lines"] - 1 if res["lines"] else lineno
+            loop_cpu = time.thread_time() - loop_cpu
         except StreamError as exc:
+            loop_cpu = time.thread_time() - loop_cpu
             lineno = exc.lines
             problem = (f"compressed stream ends early or is corrupt after line {lineno} ({parsed} entities read): "
                        f"{type(exc.cause).__name__}: {exc.cause}")
@@ -308,7 +311,10 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
         shutil.rmtree(tmp, ignore_errors=True)
     stats = {"format": fmt, "decompressor": decompressor(fmt, workers), "workers": workers,
              "compressed_bytes": path.stat().st_size, "lines": lineno, "entities_parsed": parsed,
-             "unreadable_lines": unreadable, "seconds": round(time.perf_counter() - t0, 3)}
+             "unreadable_lines": unreadable, "seconds": round(time.perf_counter() - t0, 3),
+             # CPU of this thread while reading (decoder where it runs here, results, pools, label rows):
+             # near `seconds`, the reading thread is what limits the pass, not the cores
+             "read_thread_cpu_s": round(loop_cpu, 3)}
     log.info("wikidata %s: %d lines, %d entities read, %d candidates in %.1f s (%s, %d workers)",
              path.name, lineno, parsed, len(entries), stats["seconds"], stats["decompressor"], workers)
     return DumpScan(entries, labels, rejects, stats)
