@@ -49,6 +49,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,30 @@ def scan_params(cfg: CharactersConfig) -> dict[str, Any]:
             "pool": cfg.top_n * cfg.pool_factor, "allow_truncated": cfg.allow_truncated}
 
 
+class _LabelTable:
+    """The pass's on-disk label table, written by one background thread (Parquet encodes and compresses
+    without the GIL, beside the reading thread); one chunk's rows in flight at a time, so a failed write
+    stops the pass at the next chunk."""
+
+    def __init__(self, path: Path):
+        self.writer = pq.ParquetWriter(path, LABEL_SCHEMA, compression="zstd")
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="label-table")
+        self.last: Future | None = None
+
+    def add(self, rows: pa.Table) -> None:
+        if self.last is not None:
+            self.last.result()
+        self.last = self.thread.submit(self.writer.write_table, rows)
+
+    def close(self) -> None:
+        try:
+            if self.last is not None:
+                self.last.result()
+        finally:
+            self.thread.shutdown(wait=True)
+            self.writer.close()
+
+
 def _label_rows(packed: tuple, base: int) -> pa.Table:
     """A chunk's label rows (scan_chunk's buffers) as a LABEL_SCHEMA table, lines offset by `base`."""
     n, *buffers, at = packed
@@ -230,7 +255,7 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
 
     tmp = Path(tempfile.mkdtemp(prefix="labels-", dir=workdir))
     table_path = tmp / "labels.parquet"
-    writer = pq.ParquetWriter(table_path, LABEL_SCHEMA, compression="zstd")
+    writer = _LabelTable(table_path)
     try:
         try:
             # the collector paused for the pass: the pool's result thread unpickles ~10k small objects
@@ -268,7 +293,7 @@ def scan_dump(path: Path, cfg: CharactersConfig, *, workers: int | None = None, 
                             heapq.heappushpop(unlabeled, item)
                     if res["labels"][0]:
                         # line = the entity's dump line: a later copy of an entity replaces its labels whole
-                        writer.write_table(_label_rows(res["labels"], base))
+                        writer.add(_label_rows(res["labels"], base))
                     parsed += res["parsed"]
                     unreadable += res["unreadable"]
                     opened = opened or res["opened"]
