@@ -299,8 +299,8 @@ def main() -> None:
             # the decompressor the stage picks on c cores; a one-thread one runs in the reading thread
             one_thread = fmt == "gz" and not decompressor("gzip", c).startswith("rapidgzip")
             per_byte = decomp_per_byte if one_thread or fmt != "gz" else parallel_per_byte
-            serial = reader_per_byte + (per_byte if one_thread else 0.0)
-            seconds = FULL_JSON_BYTES * max((per_byte + parse_cpu_per_byte + reader_per_byte) / c, serial)
+            floor = reader_per_byte + (per_byte if one_thread else 0.0)
+            seconds = FULL_JSON_BYTES * max((per_byte + parse_cpu_per_byte + reader_per_byte) / c, floor)
             r["projected_hours"][str(c)] = round(seconds / 3600, 2)
         results["formats"][fmt] = r
         lib = f"{r['library']['library']} alone {json_bytes / r['library']['seconds'] / 1e6:.1f} MB/s" \
@@ -325,7 +325,7 @@ def main() -> None:
               f"new snapshots {r['second']['new_snapshots']}")
         print(f"  CPU of the stage: {cpu:.1f} s (workers' start-up included), reading thread {serial:.1f} s; "
               f"per MB of JSON: decompress {r['cpu_per_mb']['decompress'] * 1e3:.1f} ms + parse "
-              f"{r['cpu_per_mb']['parse'] * 1e3:.1f} ms + reading thread {reader_per_byte * 1e3:.1f} ms (serial); "
+              f"{r['cpu_per_mb']['parse'] * 1e3:.1f} ms + reading thread {reader_per_byte * 1e9:.2f} ms (serial); "
               f"projected full dump (1.4 TB JSON): " +
               ", ".join(f"{c} cores {h} h" for c, h in r["projected_hours"].items()))
     results["load_after"] = os.getloadavg()[0]
