@@ -371,6 +371,11 @@ def awkward_lines() -> list[bytes]:
         dumps(entity("Q708", {"en": "CRLF"}, p31="Q5")) + b",\r",
         # the official layout, no person class mentioned, broken after its labels: a label source
         b'{"type":"item","id":"Q95","labels":{"en":{"language":"en","value":"Cut"}},"descriptions":{"en":{',
+        # scalar fields before "type" (the Special:EntityData layout), an item and a person
+        b'{"pageid":9,"ns":0,"title":"Q94","lastrevid":7,"modified":"2024-01-01T00:00:00Z",' + dumps(
+            entity("Q94", {"en": "Prefixed", "zh": "前缀"}, p31="Q515"))[1:] + b",",
+        b'{"pageid":10,"ns":0,"title":"Q93","lastrevid":8,' + dumps(
+            entity("Q93", {"en": "Prefixed person"}, p31="Q5", sitelinks={"enwiki": "P"}))[1:] + b",",
     ]
     return lines
 

@@ -160,10 +160,11 @@ def _cheap_labels(line: bytes) -> tuple[str, dict] | None:
 
 
 # The head of an entity, decoded by msgspec without building the rest: id, type, the labels in the
-# wanted language codes and the P31 claims. Every other field (claims of other properties, sitelinks,
-# descriptions of all languages...) is skipped by the decoder without creating objects, which is what
-# makes the label pass over all ~110M entities cheap. A line whose head does not have these shapes
-# (labels as [], a missing id, not an object...) is read by the line-by-line path below.
+# wanted language codes, the P31 claims and the number of sitelinks. Every other field (claims of other
+# properties, descriptions of all languages...) is skipped by the decoder without creating objects. It
+# reads the lines the class search below cannot rule out (people, other layouts); a line whose head
+# does not have these shapes (labels as [], a missing id, not an object...) is read by the
+# line-by-line path below.
 class _Label(msgspec.Struct):
     value: str | None = None
 
@@ -241,10 +242,15 @@ def _class_mentions(data: bytes) -> list[int]:
 
 def _item_labels(data: bytes, view: memoryview, pos: int, stop: int, decode: Callable[[Any], Any]) -> tuple | None:
     """(id, decoded labels) of the item line data[pos:stop] in the official compact layout, reading only
-    its labels; None for any other layout (the caller decodes the line's head instead)."""
-    if not data.startswith(_ITEM_HEAD, pos):
-        return None
-    start = pos + len(_ITEM_HEAD)
+    its labels; None for any other layout (the caller decodes the line's head instead). Scalar fields
+    may come first (pageid, ns, title, lastrevid, modified: the layout of Special:EntityData)."""
+    if data.startswith(_ITEM_HEAD, pos):
+        at = pos + 1
+    else:
+        at = data.find(_ITEM_HEAD[1:], pos, min(stop, pos + 256))
+        if at < 0 or data[pos] != 123 or data.find(b"{", pos + 1, at) >= 0 or data.find(b"[", pos + 1, at) >= 0:
+            return None  # 123: "{"; the fields before "type" hold no object or array
+    start = at + len(_ITEM_HEAD) - 1
     quote = data.find(b'"', start, start + 48)
     if quote < 0 or not data.startswith(_HEAD_LABELS, quote):
         return None
