@@ -99,7 +99,8 @@ def decompressor(fmt: str, threads: int, parallel: bool = False) -> str:
     """The library that decompresses `fmt` with `threads` threads (what the benchmark compares against).
     gzip below GZIP_PARALLEL_THREADS threads is decoded by one isal thread: isal costs 1.3-1.6 CPU ms
     per MB of JSON, rapidgzip's speculative decoding ~3.8 per thread (benchmarks/source_scale.py), so on
-    a few cores one isal thread plus parse workers on the other cores beats rapidgzip on all of them. `parallel`: the block-parallel library whatever the threads."""
+    a few cores one isal thread plus parse workers on the other cores beats rapidgzip on all of them.
+    `parallel`: the block-parallel library whatever the threads."""
     if fmt == "bz2":
         try:
             import indexed_bzip2  # noqa: F401

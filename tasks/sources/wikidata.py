@@ -17,13 +17,14 @@ an item line that mentions none is read for its labels only; any other line's he
 msgspec (id, type, wanted labels, P31), and a person of a configured category is decoded into what
 its candidate needs. The labels go to an on-disk label table; a broken line goes the line-by-line
 way (`parse_lines`: a line that mentions Q5/Q15632617/Q95074 or is a property is parsed in full, so
-a broken one is reported; any other only for its labels). After the
-pass the labels the pools' claims reference are read back from the table. Then the Wikipedia files.
+a broken one is reported; any other only for its labels). After the pass the labels the pools'
+claims reference are read back from the table. Then the Wikipedia files.
 The format is told by the magic bytes (a gzip file named .bz2 is read as gzip). Memory at full scale
 (~110M entities, ~12M people): (workers + 3) x 16.5 MiB chunks in flight in a /dev/shm ring, the
 per-language pools (top_n * pool_factor compact candidates each) and the decoder's buffers in the
 reading process; each worker one chunk and its result: ~0.4 GB on 2 cores, ~8 GB on 64. The label
-table (~165M rows for en+zh, ~3-4 GB of zstd Parquet) lives under <home>/sources/tmp during the pass. With a snapshot store (the flow) the pass's result is kept as
+table (~165M rows for en+zh, ~3-4 GB of zstd Parquet, written by a background thread) lives under
+<home>/sources/tmp during the pass. With a snapshot store (the flow) the pass's result is kept as
 the dump's snapshot (tasks/sources/dump_snapshot.py) and an unchanged dump is not read again.
 
 Claims are "property: value; value" lines (property and item labels in the character's language,
